@@ -1,0 +1,344 @@
+//! The SKU actor: owns one [`Sku`], applies commands to it one at a time, journals
+//! the resulting events and lets the journal writer answer the caller once they are
+//! durable. The actor does not wait for the disk: it goes on with the next command
+//! while earlier writes are in flight, which is safe because every answer leaves from
+//! the writer after its fsync, and the writer keeps each SKU's records in order.
+//!
+//! An answer that reveals state without writing anything (an idempotent retry, an
+//! order lookup, a revealed card) waits behind a journal barrier whenever some of
+//! this SKU's events are still in flight, so nobody is told of a change that a crash
+//! could still undo. Refusals leave at once: they promise nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::codec;
+use crate::error::EngineError;
+use crate::ids::SkuId;
+use crate::journal::{Journal, JournalOp, JournalWrite};
+use crate::limits::{EVENTS_BETWEEN_SNAPSHOTS_MIN, JOURNAL_QUEUE_DEPTH_MAX};
+use crate::sku::{Command, Reply, Sku, SkuDef, SkuStatus, SkuView, StockCounts};
+
+/// What a SKU actor publishes for readers that must not queue behind buyers: the
+/// HTTP edge serves `GET /v1/skus/{sku}` and sheds sold-out orders from this.
+pub(crate) struct SkuShared {
+    pub id: SkuId,
+    pub def: ArcSwap<SkuDef>,
+    available: AtomicU64,
+    reserved: AtomicU64,
+    sold: AtomicU64,
+    imported: AtomicU64,
+    /// Milliseconds of the next reservation deadline; `u64::MAX` when none.
+    pub next_expiry_ms: AtomicU64,
+    /// An `ExpireDue` is queued; keeps the ticker from piling them up.
+    pub expiry_queued: AtomicBool,
+    /// Commands sent to the actor and not yet taken; bounded by the caller.
+    pub mailbox_depth: AtomicUsize,
+}
+
+impl SkuShared {
+    fn new(sku: &Sku) -> Self {
+        let shared = SkuShared {
+            id: sku.id().clone(),
+            def: ArcSwap::from_pointee(sku.def().clone()),
+            available: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            sold: AtomicU64::new(0),
+            imported: AtomicU64::new(0),
+            next_expiry_ms: AtomicU64::new(u64::MAX),
+            expiry_queued: AtomicBool::new(false),
+            mailbox_depth: AtomicUsize::new(0),
+        };
+        shared.publish(sku, true);
+        shared
+    }
+
+    fn publish(&self, sku: &Sku, def_changed: bool) {
+        let counts = sku.counts();
+        self.available.store(counts.available, Ordering::Relaxed);
+        self.reserved.store(counts.reserved, Ordering::Relaxed);
+        self.sold.store(counts.sold, Ordering::Relaxed);
+        self.imported.store(counts.imported, Ordering::Relaxed);
+        let next = sku.next_expiry().map_or(u64::MAX, |at| at.as_millis());
+        self.next_expiry_ms.store(next, Ordering::Relaxed);
+        if def_changed {
+            self.def.store(Arc::new(sku.def().clone()));
+        }
+    }
+
+    pub fn available(&self) -> u64 {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    pub fn view(&self, now: crate::clock::Timestamp) -> SkuView {
+        let def = SkuDef::clone(&self.def.load());
+        let counts = StockCounts {
+            available: self.available.load(Ordering::Relaxed),
+            reserved: self.reserved.load(Ordering::Relaxed),
+            sold: self.sold.load(Ordering::Relaxed),
+            imported: self.imported.load(Ordering::Relaxed),
+        };
+        let status = SkuStatus::derive(&def, counts.available, now);
+        SkuView {
+            sku: self.id.clone(),
+            def,
+            counts,
+            status,
+        }
+    }
+}
+
+/// Runs a read against the state; returns how to deliver the answer once every
+/// event it may reflect is durable (or why it cannot be delivered).
+pub(crate) type Read =
+    Box<dyn FnOnce(&Sku, u64) -> Box<dyn FnOnce(Result<(), EngineError>) + Send> + Send>;
+
+pub(crate) type CommandReply = oneshot::Sender<Result<Reply, EngineError>>;
+
+/// Every reason a SKU actor wakes up.
+pub(crate) enum SkuMsg {
+    Command {
+        command: Command,
+        reply: CommandReply,
+    },
+    Read(Read),
+    /// The reservation ticker saw a deadline pass.
+    ExpireDue,
+    /// A journal write of `failed_epoch` failed: reload from disk.
+    Resync {
+        failed_epoch: u64,
+    },
+    /// Write a snapshot now (shutdown), answering once it is durable.
+    Snapshot(oneshot::Sender<Result<(), EngineError>>),
+}
+
+pub(crate) struct SkuActor;
+
+pub(crate) struct SkuActorArgs {
+    pub sku: Sku,
+    pub seq: u64,
+    pub records_since_snapshot: u64,
+    pub shared: Arc<SkuShared>,
+    pub journal: Arc<Journal>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub(crate) struct SkuActorState {
+    sku: Sku,
+    /// Sequence number of the last record submitted to the journal.
+    seq: u64,
+    /// Sequence number of the last record known durable; written by the journal
+    /// writer's completions.
+    durable_seq: Arc<AtomicU64>,
+    epoch: u64,
+    records_since_snapshot: u64,
+    /// Set when reloading from disk failed: every command is refused from then on.
+    poisoned: bool,
+    shared: Arc<SkuShared>,
+    journal: Arc<Journal>,
+    clock: Arc<dyn Clock>,
+}
+
+impl SkuShared {
+    pub(crate) fn for_sku(sku: &Sku) -> Arc<Self> {
+        Arc::new(SkuShared::new(sku))
+    }
+}
+
+impl Actor for SkuActor {
+    type Msg = SkuMsg;
+    type State = SkuActorState;
+    type Arguments = SkuActorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SkuMsg>,
+        args: SkuActorArgs,
+    ) -> Result<SkuActorState, ActorProcessingErr> {
+        Ok(SkuActorState {
+            sku: args.sku,
+            seq: args.seq,
+            durable_seq: Arc::new(AtomicU64::new(args.seq)),
+            epoch: 0,
+            records_since_snapshot: args.records_since_snapshot,
+            poisoned: false,
+            shared: args.shared,
+            journal: args.journal,
+            clock: args.clock,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SkuMsg>,
+        message: SkuMsg,
+        state: &mut SkuActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SkuMsg::Command { command, reply } => {
+                state.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+                let is_define = matches!(command, Command::Define(_));
+                state.run_command(command, Some(reply), is_define);
+            }
+            SkuMsg::Read(read) => {
+                let deliver = read(&state.sku, state.seq);
+                state.after_durable(deliver);
+            }
+            SkuMsg::ExpireDue => {
+                state.shared.expiry_queued.store(false, Ordering::Relaxed);
+                state.run_command(Command::ExpireDue, None, false);
+                let now = state.clock.now();
+                if state.sku.next_expiry().is_some_and(|due| due <= now)
+                    && !state.shared.expiry_queued.swap(true, Ordering::Relaxed)
+                {
+                    // More were due than one batch takes; go on without waiting a tick.
+                    let _ = myself.send_message(SkuMsg::ExpireDue);
+                }
+            }
+            SkuMsg::Resync { failed_epoch } => state.resync(failed_epoch),
+            SkuMsg::Snapshot(reply) => {
+                if state.poisoned {
+                    let _ = reply.send(Err(EngineError::SkuUnavailable));
+                } else {
+                    state.write_snapshot(Some(reply));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SkuActorState {
+    fn run_command(&mut self, command: Command, reply: Option<CommandReply>, is_define: bool) {
+        if self.poisoned {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(EngineError::SkuUnavailable));
+            }
+            return;
+        }
+        // Refuse before touching state: once applied, a command must reach the disk.
+        if self.journal.queue_depth() >= JOURNAL_QUEUE_DEPTH_MAX {
+            metrics::counter!("keydrop_engine_overloaded_total", "queue" => "journal").increment(1);
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(EngineError::Overloaded));
+            }
+            return;
+        }
+        let decision = self.sku.handle(command, self.clock.now());
+        self.shared.publish(&self.sku, is_define);
+        if decision.events.is_empty() {
+            match (decision.reply, reply) {
+                (Err(refusal), Some(reply)) => {
+                    let _ = reply.send(Err(EngineError::Sku(refusal)));
+                }
+                (Ok(answer), Some(reply)) => self.after_durable(Box::new(move |durable| {
+                    let _ = reply.send(durable.map(|()| answer));
+                })),
+                (_, None) => {}
+            }
+            return;
+        }
+        if let Some(expired) = decision.events.iter().find_map(|event| match event {
+            crate::sku::Event::Expired { order_ids, .. } => Some(order_ids.len()),
+            _ => None,
+        }) {
+            metrics::counter!("keydrop_reservations_expired_total").increment(expired as u64);
+        }
+        self.seq += 1;
+        self.records_since_snapshot += 1;
+        let seq = self.seq;
+        let durable_seq = Arc::clone(&self.durable_seq);
+        let record = codec::encode_events(&decision.events);
+        let answer = decision.reply;
+        self.journal.submit(JournalWrite {
+            sku: self.sku.id().clone(),
+            epoch: Some(self.epoch),
+            op: JournalOp::Append { seq, record },
+            done: Box::new(move |written| {
+                let outcome = match written {
+                    Ok(()) => {
+                        durable_seq.fetch_max(seq, Ordering::Release);
+                        answer.map_err(EngineError::Sku)
+                    }
+                    Err(error) => Err(EngineError::from_journal(error)),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+            }),
+        });
+        self.maybe_snapshot();
+    }
+
+    /// Delivers now if everything applied is durable, else after a journal barrier.
+    fn after_durable(&self, deliver: Box<dyn FnOnce(Result<(), EngineError>) + Send>) {
+        if self.durable_seq.load(Ordering::Acquire) >= self.seq {
+            deliver(Ok(()));
+            return;
+        }
+        self.journal.submit(JournalWrite {
+            sku: self.sku.id().clone(),
+            epoch: Some(self.epoch),
+            op: JournalOp::Barrier,
+            done: Box::new(move |written| deliver(written.map_err(EngineError::from_journal))),
+        });
+    }
+
+    /// Snapshots once the records since the last one outweigh the state itself, so
+    /// the cost of snapshots stays proportional to the work done.
+    fn maybe_snapshot(&mut self) {
+        let counts = self.sku.counts();
+        let size = counts.imported + self.sku.order_count() as u64;
+        if self.records_since_snapshot >= EVENTS_BETWEEN_SNAPSHOTS_MIN.max(size) {
+            self.write_snapshot(None);
+        }
+    }
+
+    fn write_snapshot(&mut self, reply: Option<oneshot::Sender<Result<(), EngineError>>>) {
+        let seq = self.seq;
+        let record = codec::encode_snapshot(seq, self.sku.snapshot_ref());
+        self.records_since_snapshot = 0;
+        let sku = self.sku.id().clone();
+        tracing::debug!(sku = %sku, seq, bytes = record.len(), "writing snapshot");
+        self.journal.submit(JournalWrite {
+            sku: sku.clone(),
+            epoch: Some(self.epoch),
+            op: JournalOp::Snapshot { seq, record },
+            done: Box::new(move |written| {
+                if let Err(error) = &written {
+                    tracing::warn!(sku = %sku, %error, "snapshot not written; the journal still holds every record");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(written.map_err(EngineError::from_journal));
+                }
+            }),
+        });
+    }
+
+    fn resync(&mut self, failed_epoch: u64) {
+        if failed_epoch < self.epoch {
+            return;
+        }
+        self.epoch = failed_epoch + 1;
+        let id = self.sku.id().clone();
+        match self.journal.load_sku(&id) {
+            Ok(Some(recovered)) => {
+                tracing::warn!(sku = %id, seq = recovered.seq, "reloaded SKU from disk after a failed journal write");
+                self.sku = recovered.sku;
+                self.seq = recovered.seq;
+                self.durable_seq.store(recovered.seq, Ordering::Release);
+                self.records_since_snapshot = recovered.records_replayed;
+                self.shared.publish(&self.sku, true);
+            }
+            Ok(None) | Err(_) => {
+                tracing::error!(sku = %id, "cannot reload SKU from disk; refusing its commands until restart");
+                self.poisoned = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! [`Engine`]: the handle the rest of keydrop holds. It owns the registry of SKU
+//! actors, routes each call to the right one, seals and opens card secrets around
+//! them, and runs the background work (reservation expiry, resync after a failed
+//! write, key rotation).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ractor::{Actor, ActorRef};
+use tokio::sync::oneshot;
+
+use crate::actor::{SkuActor, SkuActorArgs, SkuMsg, SkuShared};
+use crate::clock::{Clock, SystemClock};
+use crate::codec;
+use crate::error::EngineError;
+use crate::ids::{
+    CardSerial, DeviceId, IdempotencyKey, OrderId, PaymentRef, RequestFingerprint, SkuId, UserId,
+};
+use crate::journal::{Journal, JournalOp, JournalOptions, RecoveredSku, RecoveryReport};
+use crate::limits::{ACTOR_MAILBOX_DEPTH_MAX, IMPORT_BATCH_CARDS_MAX};
+use crate::sku::{
+    Command, ImportOutcome, NewCard, OrderView, Reply, ReserveRequest, Sku, SkuDef, SkuError,
+    SkuView,
+};
+use crate::vault::{CardSecret, KeyRing, SealedSecret};
+
+/// Cards re-sealed per actor round trip during key rotation.
+const RESEAL_CHUNK_CARDS_MAX: usize = 1000;
+
+pub struct EngineConfig {
+    /// The RocksDB folder. Nothing else lives in it; keys in particular do not.
+    pub db_path: PathBuf,
+    pub keys: Arc<KeyRing>,
+    pub clock: Arc<dyn Clock>,
+    /// How often the expiry ticker looks for due reservations; keeps expiry within
+    /// this much of each deadline.
+    pub expiry_interval: Duration,
+    pub journal: JournalOptions,
+}
+
+impl EngineConfig {
+    pub fn new(db_path: impl Into<PathBuf>, keys: KeyRing) -> Self {
+        EngineConfig {
+            db_path: db_path.into(),
+            keys: Arc::new(keys),
+            clock: Arc::new(SystemClock),
+            expiry_interval: Duration::from_millis(200),
+            journal: JournalOptions::default(),
+        }
+    }
+}
+
+/// A reservation request, already parsed at the edge.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub user: UserId,
+    pub device: Option<DeviceId>,
+    pub idempotency: Option<(IdempotencyKey, RequestFingerprint)>,
+}
+
+/// An order and, once it is paid, its card with the secret opened.
+#[derive(Debug, Clone)]
+pub struct OrderDetails {
+    pub view: OrderView,
+    pub card: Option<(CardSerial, CardSecret)>,
+}
+
+#[derive(Clone)]
+struct SkuHandle {
+    shared: Arc<SkuShared>,
+    actor: ActorRef<SkuMsg>,
+}
+
+struct Inner {
+    journal: Arc<Journal>,
+    skus: DashMap<SkuId, SkuHandle>,
+    /// Route hash → SKUs with that hash (almost always one), to find an order's SKU.
+    routes: DashMap<u32, Vec<SkuId>>,
+    keys: Arc<KeyRing>,
+    clock: Arc<dyn Clock>,
+    /// Serialises creating SKUs (rare, admin-only) so two creations cannot race.
+    create_lock: tokio::sync::Mutex<()>,
+    recovery: RecoveryReport,
+    shutting_down: AtomicBool,
+}
+
+/// The keydrop engine. Cheap to clone; every clone is the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Opens the journal, rebuilds every SKU from it and starts their actors.
+    pub async fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        let (resync_tx, mut resync_rx) = tokio::sync::mpsc::unbounded_channel();
+        let db_path = config.db_path.clone();
+        let journal_options = config.journal.clone();
+        let (journal, recovered, report) = tokio::task::spawn_blocking(move || {
+            let journal = Journal::open(&db_path, journal_options, resync_tx)?;
+            let (recovered, report) = journal.recover()?;
+            Ok::<_, EngineError>((journal, recovered, report))
+        })
+        .await
+        .map_err(|e| EngineError::Spawn(e.to_string()))??;
+        tracing::info!(
+            skus = report.skus,
+            snapshots = report.snapshots_loaded,
+            records = report.records_replayed,
+            cards = report.cards,
+            orders = report.orders,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "journal recovered"
+        );
+        let inner = Arc::new(Inner {
+            journal: Arc::new(journal),
+            skus: DashMap::new(),
+            routes: DashMap::new(),
+            keys: config.keys,
+            clock: config.clock,
+            create_lock: tokio::sync::Mutex::new(()),
+            recovery: report,
+            shutting_down: AtomicBool::new(false),
+        });
+        let engine = Engine { inner };
+        for RecoveredSku {
+            sku,
+            seq,
+            records_replayed,
+        } in recovered
+        {
+            engine.spawn_actor(sku, seq, records_replayed).await?;
+        }
+        let weak = Arc::downgrade(&engine.inner);
+        tokio::spawn(async move {
+            while let Some((sku, failed_epoch)) = resync_rx.recv().await {
+                let Some(inner) = weak.upgrade() else { break };
+                let actor = inner.skus.get(&sku).map(|handle| handle.actor.clone());
+                if let Some(actor) = actor {
+                    let _ = actor.send_message(SkuMsg::Resync { failed_epoch });
+                }
+            }
+        });
+        tokio::spawn(run_expiry_ticker(
+            Arc::downgrade(&engine.inner),
+            config.expiry_interval,
+        ));
+        Ok(engine)
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    pub fn key_ring(&self) -> &KeyRing {
+        &self.inner.keys
+    }
+
+    pub fn now(&self) -> crate::clock::Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Writes waiting for the journal writer (for metrics and load shedding).
+    pub fn journal_queue_depth(&self) -> usize {
+        self.inner.journal.queue_depth()
+    }
+
+    async fn spawn_actor(
+        &self,
+        sku: Sku,
+        seq: u64,
+        records_since_snapshot: u64,
+    ) -> Result<SkuHandle, EngineError> {
+        let id = sku.id().clone();
+        let shared = SkuShared::for_sku(&sku);
+        let args = SkuActorArgs {
+            sku,
+            seq,
+            records_since_snapshot,
+            shared: Arc::clone(&shared),
+            journal: Arc::clone(&self.inner.journal),
+            clock: Arc::clone(&self.inner.clock),
+        };
+        let (actor, _join) = Actor::spawn(None, SkuActor, args)
+            .await
+            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+        let handle = SkuHandle { shared, actor };
+        self.inner
+            .routes
+            .entry(id.route_hash())
+            .or_default()
+            .push(id.clone());
+        self.inner.skus.insert(id, handle.clone());
+        Ok(handle)
+    }
+
+    fn handle(&self, sku: &SkuId) -> Result<SkuHandle, EngineError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.inner
+            .skus
+            .get(sku)
+            .map(|h| h.clone())
+            .ok_or(EngineError::SkuNotFound)
+    }
+
+    async fn command(&self, handle: &SkuHandle, command: Command) -> Result<Reply, EngineError> {
+        // The mailbox bound is kept by the callers: past it, refuse at once rather
+        // than queue a buyer behind work that cannot finish in time.
+        if handle.shared.mailbox_depth.fetch_add(1, Ordering::Relaxed) >= ACTOR_MAILBOX_DEPTH_MAX {
+            handle.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!("keydrop_engine_overloaded_total", "queue" => "mailbox").increment(1);
+            return Err(EngineError::Overloaded);
+        }
+        let (reply, answer) = oneshot::channel();
+        if handle
+            .actor
+            .send_message(SkuMsg::Command { command, reply })
+            .is_err()
+        {
+            handle.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::SkuUnavailable);
+        }
+        answer.await.unwrap_or(Err(EngineError::SkuUnavailable))
+    }
+
+    /// Runs `read` on the SKU's state and returns its answer once every event the
+    /// answer may reflect is durable.
+    async fn read<T: Send + 'static>(
+        &self,
+        handle: &SkuHandle,
+        read: impl FnOnce(&Sku, u64) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let boxed: crate::actor::Read = Box::new(move |sku, seq| {
+            let value = read(sku, seq);
+            Box::new(move |durable: Result<(), EngineError>| {
+                let _ = tx.send(durable.map(|()| value));
+            })
+        });
+        handle
+            .actor
+            .send_message(SkuMsg::Read(boxed))
+            .map_err(|_| EngineError::SkuUnavailable)?;
+        rx.await.unwrap_or(Err(EngineError::SkuUnavailable))
+    }
+
+    // ---- SKUs ----
+
+    /// Creates a SKU or updates its definition; `true` when it was created.
+    pub async fn define_sku(&self, id: SkuId, def: SkuDef) -> Result<(SkuView, bool), EngineError> {
+        def.validate()?;
+        let _creating = self.inner.create_lock.lock().await;
+        if let Ok(handle) = self.handle(&id) {
+            return match self.command(&handle, Command::Define(def)).await? {
+                Reply::Defined(view) => Ok((view, false)),
+                other => unreachable!("define answered {other:?}"),
+            };
+        }
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let now = self.inner.clock.now();
+        let (sku, event) = Sku::create(id.clone(), def, now)?;
+        let record = codec::encode_events(std::slice::from_ref(&event));
+        self.inner
+            .journal
+            .write_now(id.clone(), JournalOp::Append { seq: 1, record })
+            .await
+            .map_err(EngineError::from_journal)?;
+        let view = sku.view(now);
+        self.spawn_actor(sku, 1, 1).await?;
+        tracing::info!(sku = %id, "SKU created");
+        Ok((view, true))
+    }
+
+    /// The SKU as its actor last published it; no trip to the actor.
+    pub fn sku(&self, id: &SkuId) -> Option<SkuView> {
+        let shared = Arc::clone(&self.inner.skus.get(id)?.shared);
+        Some(shared.view(self.inner.clock.now()))
+    }
+
+    /// Stock in hand as last published, for shedding orders of a sold-out SKU.
+    pub fn available_hint(&self, id: &SkuId) -> Option<u64> {
+        self.inner.skus.get(id).map(|h| h.shared.available())
+    }
+
+    pub fn skus(&self) -> Vec<SkuView> {
+        let now = self.inner.clock.now();
+        let mut views: Vec<SkuView> = self.inner.skus.iter().map(|h| h.shared.view(now)).collect();
+        views.sort_by(|a, b| a.sku.cmp(&b.sku));
+        views
+    }
+
+    /// Seals and imports cards. Re-importing a known serial counts as a duplicate, so
+    /// a failed import can simply be sent again.
+    pub async fn import_cards(
+        &self,
+        id: &SkuId,
+        cards: Vec<(CardSerial, CardSecret)>,
+    ) -> Result<ImportOutcome, EngineError> {
+        let handle = self.handle(id)?;
+        let mut total = ImportOutcome::default();
+        let mut cards = cards.into_iter().peekable();
+        while cards.peek().is_some() {
+            let chunk: Vec<(CardSerial, CardSecret)> =
+                cards.by_ref().take(IMPORT_BATCH_CARDS_MAX).collect();
+            let keys = Arc::clone(&self.inner.keys);
+            let sku = id.clone();
+            // Sealing is CPU work; keep it off the async workers and out of the actor.
+            let sealed = tokio::task::spawn_blocking(move || {
+                chunk
+                    .into_iter()
+                    .map(|(serial, secret)| {
+                        let sealed = keys.seal(&sku, &serial, &secret);
+                        NewCard { serial, sealed }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+            match self.command(&handle, Command::ImportCards(sealed)).await? {
+                Reply::Imported(outcome) => {
+                    total.imported += outcome.imported;
+                    total.duplicates += outcome.duplicates;
+                }
+                other => unreachable!("import answered {other:?}"),
+            }
+        }
+        Ok(total)
+    }
+
+    // ---- orders ----
+
+    /// Reserves one card for a buyer; answers once the reservation is durable.
+    pub async fn reserve(
+        &self,
+        id: &SkuId,
+        request: Reservation,
+    ) -> Result<OrderView, EngineError> {
+        let handle = self.handle(id)?;
+        let command = Command::Reserve(ReserveRequest {
+            order_id: OrderId::generate(id),
+            user: request.user,
+            device: request.device,
+            idempotency: request.idempotency,
+        });
+        match self.command(&handle, command).await? {
+            Reply::Reserved(view) => Ok(view),
+            other => unreachable!("reserve answered {other:?}"),
+        }
+    }
+
+    /// Finds the SKU that owns an order from the route hash the order id carries.
+    async fn order_owner(&self, order_id: &OrderId) -> Result<SkuHandle, EngineError> {
+        let candidates: Vec<SkuId> = self
+            .inner
+            .routes
+            .get(&order_id.route_hash())
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        let not_found = || EngineError::Sku(SkuError::OrderNotFound);
+        match candidates.as_slice() {
+            [] => Err(not_found()),
+            [only] => self.handle(only),
+            several => {
+                // Two SKUs share a 32-bit route hash: ask each (rare).
+                for id in several {
+                    let handle = self.handle(id)?;
+                    let order_id = *order_id;
+                    if self
+                        .read(&handle, move |sku, _| sku.order(&order_id).is_some())
+                        .await?
+                    {
+                        return Ok(handle);
+                    }
+                }
+                Err(not_found())
+            }
+        }
+    }
+
+    /// Records a payment from the provider's callback.
+    pub async fn confirm_payment(
+        &self,
+        order_id: &OrderId,
+        payment_ref: PaymentRef,
+        amount_cents: u64,
+    ) -> Result<OrderView, EngineError> {
+        let handle = self.order_owner(order_id).await?;
+        let command = Command::ConfirmPayment {
+            order_id: *order_id,
+            payment_ref,
+            amount_cents,
+        };
+        match self.command(&handle, command).await? {
+            Reply::Paid(view) => Ok(view),
+            other => unreachable!("payment answered {other:?}"),
+        }
+    }
+
+    pub async fn cancel(&self, order_id: &OrderId) -> Result<OrderView, EngineError> {
+        let handle = self.order_owner(order_id).await?;
+        match self
+            .command(
+                &handle,
+                Command::Cancel {
+                    order_id: *order_id,
+                },
+            )
+            .await?
+        {
+            Reply::Cancelled(view) => Ok(view),
+            other => unreachable!("cancel answered {other:?}"),
+        }
+    }
+
+    /// An order, with its card's secret opened when (and only when) it is paid.
+    pub async fn order(&self, order_id: &OrderId) -> Result<OrderDetails, EngineError> {
+        let handle = self.order_owner(order_id).await?;
+        let id = *order_id;
+        let (view, revealed) = self
+            .read(&handle, move |sku, _| {
+                (sku.order(&id), sku.reveal(&id).ok())
+            })
+            .await?;
+        let view = view.ok_or(EngineError::Sku(SkuError::OrderNotFound))?;
+        let card = match revealed {
+            Some(card) => {
+                let secret = self
+                    .inner
+                    .keys
+                    .open(&view.sku, &card.serial, &card.sealed)?;
+                metrics::counter!("keydrop_cards_revealed_total").increment(1);
+                Some((card.serial, secret))
+            }
+            None => None,
+        };
+        Ok(OrderDetails { view, card })
+    }
+
+    /// Orders carrying a refused payment (late, wrong amount, or a second payment):
+    /// the money to refund. Across all SKUs, or one.
+    pub async fn refused_payments(
+        &self,
+        only: Option<&SkuId>,
+    ) -> Result<Vec<OrderView>, EngineError> {
+        let handles: Vec<SkuHandle> = match only {
+            Some(id) => vec![self.handle(id)?],
+            None => self.inner.skus.iter().map(|h| h.clone()).collect(),
+        };
+        let mut all = Vec::new();
+        for handle in handles {
+            all.extend(
+                self.read(&handle, |sku, _| sku.orders_with_refused_payments())
+                    .await?,
+            );
+        }
+        all.sort_by_key(|view| (view.created_at, view.order_id));
+        Ok(all)
+    }
+
+    // ---- moving SKUs ----
+
+    /// The SKU's whole durable state, card ciphertexts included, as one bundle that
+    /// [`Engine::import_sku`] on another node accepts. Secrets stay sealed: the
+    /// receiving node needs the same master keys.
+    pub async fn export_sku(&self, id: &SkuId) -> Result<Vec<u8>, EngineError> {
+        let handle = self.handle(id)?;
+        self.read(&handle, |sku, seq| {
+            codec::encode_snapshot(seq, sku.snapshot_ref())
+        })
+        .await
+    }
+
+    pub async fn import_sku(&self, bundle: &[u8]) -> Result<SkuView, EngineError> {
+        let (seq, snapshot) = codec::decode_snapshot(bundle)
+            .map_err(|e| EngineError::InvalidBundle(e.to_string()))?;
+        let sku = Sku::from_snapshot(snapshot).map_err(EngineError::InvalidBundle)?;
+        let id = sku.id().clone();
+        let _creating = self.inner.create_lock.lock().await;
+        if self.inner.skus.contains_key(&id) {
+            return Err(EngineError::SkuExists);
+        }
+        let record = codec::encode_snapshot(seq, sku.snapshot_ref());
+        self.inner
+            .journal
+            .write_now(id.clone(), JournalOp::Snapshot { seq, record })
+            .await
+            .map_err(EngineError::from_journal)?;
+        let view = sku.view(self.inner.clock.now());
+        self.spawn_actor(sku, seq, 0).await?;
+        tracing::info!(sku = %id, "SKU imported from bundle");
+        Ok(view)
+    }
+
+    // ---- keys ----
+
+    /// Re-seals every card not sealed under the current key, SKU by SKU, in chunks
+    /// so buyers keep being served. Returns the number of cards re-sealed.
+    pub async fn rotate_keys(&self) -> Result<u64, EngineError> {
+        let current = self.inner.keys.current_key_id();
+        let handles: Vec<SkuHandle> = self.inner.skus.iter().map(|h| h.clone()).collect();
+        let mut resealed = 0u64;
+        for handle in handles {
+            let id = handle.shared.id.clone();
+            loop {
+                let stale = self
+                    .read(&handle, move |sku, _| {
+                        sku.cards_sealed_with_other_keys(current, RESEAL_CHUNK_CARDS_MAX)
+                    })
+                    .await?;
+                if stale.is_empty() {
+                    break;
+                }
+                let keys = Arc::clone(&self.inner.keys);
+                let sku = id.clone();
+                let fresh: Vec<(CardSerial, SealedSecret)> =
+                    tokio::task::spawn_blocking(move || {
+                        stale
+                            .into_iter()
+                            .map(|(serial, sealed)| {
+                                let secret = keys.open(&sku, &serial, &sealed)?;
+                                let sealed = keys.seal(&sku, &serial, &secret);
+                                Ok((serial, sealed))
+                            })
+                            .collect::<Result<Vec<_>, crate::vault::VaultError>>()
+                    })
+                    .await
+                    .map_err(|e| EngineError::Spawn(e.to_string()))??;
+                match self.command(&handle, Command::Reseal(fresh)).await? {
+                    Reply::Resealed { count } => resealed += count as u64,
+                    other => unreachable!("reseal answered {other:?}"),
+                }
+            }
+        }
+        tracing::info!(
+            resealed,
+            key = format_args!("{current:08x}"),
+            "key rotation finished"
+        );
+        Ok(resealed)
+    }
+
+    // ---- lifecycle ----
+
+    /// Stops taking commands, snapshots every SKU (so the next start replays
+    /// little), stops the actors and closes the journal once everything is on disk.
+    pub async fn shutdown(&self) {
+        self.stop(true).await;
+    }
+
+    /// Stops the way a crash would, as far as the disk is concerned: no snapshots, so
+    /// the next open replays the journal. Everything acknowledged is already durable.
+    /// The RocksDB folder is released once the last clone of this engine is dropped.
+    pub async fn halt(self) {
+        self.stop(false).await;
+    }
+
+    async fn stop(&self, snapshot: bool) {
+        if self.inner.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let handles: Vec<SkuHandle> = self.inner.skus.iter().map(|h| h.clone()).collect();
+        for handle in handles.iter().filter(|_| snapshot) {
+            let (tx, rx) = oneshot::channel();
+            if handle.actor.send_message(SkuMsg::Snapshot(tx)).is_ok() {
+                if let Ok(Err(error)) = rx.await {
+                    tracing::warn!(sku = %handle.shared.id, %error, "no snapshot at shutdown");
+                }
+            }
+        }
+        for handle in &handles {
+            let _ = handle
+                .actor
+                .stop_and_wait(None, Some(Duration::from_secs(10)))
+                .await;
+        }
+        self.inner.skus.clear();
+        self.inner.routes.clear();
+        let journal = Arc::clone(&self.inner.journal);
+        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+        tracing::info!(skus = handles.len(), snapshot, "engine stopped");
+    }
+}
+
+/// Wakes the actors whose next reservation deadline has passed.
+async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let now = inner.clock.now().as_millis();
+        for entry in inner.skus.iter() {
+            let shared = &entry.shared;
+            if shared.next_expiry_ms.load(Ordering::Relaxed) <= now
+                && !shared.expiry_queued.swap(true, Ordering::Relaxed)
+                && entry.actor.send_message(SkuMsg::ExpireDue).is_err()
+            {
+                shared.expiry_queued.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+}

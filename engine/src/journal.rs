@@ -1,0 +1,595 @@
+//! The journal: the only module that touches RocksDB.
+//!
+//! Layout, one column family each:
+//! - `journal`: `sku id | 0x00 | seq (u64 BE)` → the events of one command. A SKU's
+//!   records form one contiguous key range, so a SKU can be replayed, exported or
+//!   trimmed on its own.
+//! - `snapshots`: `sku id` → the SKU's whole state as of some seq. Writing a snapshot
+//!   deletes the journal records it covers in the same atomic batch.
+//!
+//! **Group commit.** One writer thread takes every pending write from every SKU
+//! actor, puts them in a single `WriteBatch` and writes it with `sync = true`; only
+//! then are the writes' completions run, and those answer the callers. While one
+//! fsync runs the next batch fills up, so a busy node pays one fsync for thousands of
+//! requests. The queue is FIFO, so each SKU's records reach disk in the order its
+//! actor applied them.
+//!
+//! **Failure.** A batch that fails to write fails every request in it, and the SKUs
+//! involved are fenced: later writes from the same actor epoch are refused until the
+//! actor has reloaded its state from disk (see `Resync` in the actor). Memory never
+//! stays ahead of disk, and nothing is acknowledged that was not written.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rocksdb::{
+    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+use thiserror::Error;
+
+use crate::codec::{self, CodecError};
+use crate::ids::SkuId;
+use crate::limits::JOURNAL_BATCH_REQUESTS_MAX;
+use crate::sku::Sku;
+
+const CF_JOURNAL: &str = "journal";
+const CF_SNAPSHOTS: &str = "snapshots";
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("opening the journal at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("journal write failed: {0}")]
+    Write(String),
+    #[error("journal read failed: {0}")]
+    Read(String),
+    /// The SKU's previous write failed; it is reloading from disk.
+    #[error("write refused: the SKU is resynchronising after a failed write")]
+    Fenced,
+    #[error("the journal is closed")]
+    Closed,
+    #[error("journal holds {} corrupt record(s); first: {}", .0.len(), .0.first().map(|r| r.to_string()).unwrap_or_default())]
+    Corrupt(Vec<CorruptRecord>),
+}
+
+/// A record recovery could not use, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptRecord {
+    pub sku: Option<SkuId>,
+    pub seq: Option<u64>,
+    pub problem: String,
+}
+
+impl std::fmt::Display for CorruptRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sku = self.sku.as_ref().map(SkuId::as_str).unwrap_or("?");
+        match self.seq {
+            Some(seq) => write!(f, "SKU {sku} record {seq}: {}", self.problem),
+            None => write!(f, "SKU {sku} snapshot: {}", self.problem),
+        }
+    }
+}
+
+/// Makes upcoming batch writes fail, to test that a failed write loses nothing
+/// acknowledged and leaves memory equal to disk.
+#[derive(Debug, Clone, Default)]
+pub struct FaultInjector {
+    failing_writes: Arc<AtomicU64>,
+}
+
+impl FaultInjector {
+    pub fn fail_next_writes(&self, count: u64) {
+        self.failing_writes.store(count, Ordering::SeqCst);
+    }
+
+    fn take(&self) -> bool {
+        self.failing_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// How the journal writer batches.
+#[derive(Debug, Clone)]
+pub struct JournalOptions {
+    /// Requests per `WriteBatch` (and so per fsync). 1 turns group commit off: the
+    /// benchmark uses that as its baseline.
+    pub batch_requests_max: usize,
+    pub fault_injector: Option<FaultInjector>,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            batch_requests_max: JOURNAL_BATCH_REQUESTS_MAX,
+            fault_injector: None,
+        }
+    }
+}
+
+/// Runs once the write it belongs to is durable, or has failed.
+pub type Completion = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
+
+pub enum JournalOp {
+    /// The events of one command, at the SKU's next sequence number.
+    Append { seq: u64, record: Vec<u8> },
+    /// The SKU's whole state at `seq`; replaces the records up to `seq`.
+    Snapshot { seq: u64, record: Vec<u8> },
+    /// Writes nothing; completes once every write queued before it is durable.
+    Barrier,
+}
+
+pub struct JournalWrite {
+    pub sku: SkuId,
+    /// The actor's incarnation, bumped each time it reloads after a failed write;
+    /// `None` for a write made outside any actor, which is never fenced.
+    pub epoch: Option<u64>,
+    pub op: JournalOp,
+    pub done: Completion,
+}
+
+enum WriterMsg {
+    Write(JournalWrite),
+    Shutdown,
+}
+
+/// A SKU rebuilt from disk, with the sequence number of its last record.
+pub struct RecoveredSku {
+    pub sku: Sku,
+    pub seq: u64,
+    /// Journal records replayed on top of the snapshot.
+    pub records_replayed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub skus: usize,
+    pub snapshots_loaded: usize,
+    pub records_replayed: u64,
+    pub cards: u64,
+    pub orders: u64,
+    pub elapsed: Duration,
+}
+
+pub struct Journal {
+    db: Arc<DB>,
+    sender: mpsc::Sender<WriterMsg>,
+    queued: Arc<AtomicUsize>,
+    closed: AtomicBool,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `path` and starts the writer thread. SKUs
+    /// whose write fails are sent to `resync` so their actors reload.
+    pub fn open(
+        path: &Path,
+        options: JournalOptions,
+        resync: tokio::sync::mpsc::UnboundedSender<(SkuId, u64)>,
+    ) -> Result<Journal, JournalError> {
+        let open_error = |message: String| JournalError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(path).map_err(|e| open_error(e.to_string()))?;
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(2);
+        db_options.set_compression_type(DBCompressionType::Lz4);
+        // Group commit makes the writes large and few; a bigger memtable means fewer
+        // flushes competing with them for the two cores.
+        db_options.set_write_buffer_size(64 << 20);
+        let cf = |name: &str| {
+            let mut cf_options = Options::default();
+            cf_options.set_compression_type(DBCompressionType::Lz4);
+            cf_options.set_write_buffer_size(64 << 20);
+            ColumnFamilyDescriptor::new(name, cf_options)
+        };
+        let db = DB::open_cf_descriptors(&db_options, path, vec![cf(CF_JOURNAL), cf(CF_SNAPSHOTS)])
+            .map_err(|e| open_error(e.to_string()))?;
+        let db = Arc::new(db);
+        let (sender, receiver) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let db = Arc::clone(&db);
+            let queued = Arc::clone(&queued);
+            std::thread::Builder::new()
+                .name("keydrop-journal".into())
+                .spawn(move || run_writer(&db, &receiver, &queued, &options, &resync))
+                .map_err(|e| open_error(e.to_string()))?
+        };
+        Ok(Journal {
+            db,
+            sender,
+            queued,
+            closed: AtomicBool::new(false),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Writes waiting for the writer thread.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queues a write. Its completion runs on the writer thread once the write is
+    /// durable or has failed; it must be quick and must not block.
+    pub fn submit(&self, write: JournalWrite) {
+        if self.closed.load(Ordering::Acquire) {
+            (write.done)(Err(JournalError::Closed));
+            return;
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(WriterMsg::Write(write))) =
+            self.sender.send(WriterMsg::Write(write))
+        {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            (write.done)(Err(JournalError::Closed));
+        }
+    }
+
+    /// Writes one record and waits for it to be durable (for the rare writes made
+    /// outside an actor, such as creating a SKU).
+    pub async fn write_now(&self, sku: SkuId, op: JournalOp) -> Result<(), JournalError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(JournalWrite {
+            sku,
+            epoch: None,
+            op,
+            done: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        });
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// Stops the writer after it has written everything queued before this call.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.sender.send(WriterMsg::Shutdown);
+        if let Some(writer) = self.writer.lock().expect("writer handle lock").take() {
+            let _ = writer.join();
+        }
+    }
+
+    /// Rebuilds every SKU: its snapshot, then the journal records after it. Refuses
+    /// to start over corrupt records rather than serve a SKU with a hole in its past.
+    pub fn recover(&self) -> Result<(Vec<RecoveredSku>, RecoveryReport), JournalError> {
+        let started = Instant::now();
+        let mut report = RecoveryReport::default();
+        let mut corrupt = Vec::new();
+        let mut skus: HashMap<SkuId, Replay> = HashMap::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SNAPSHOTS), IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|e| JournalError::Read(e.to_string()))?;
+            match decode_snapshot_entry(&key, &value) {
+                Ok((id, replay)) => {
+                    report.snapshots_loaded += 1;
+                    skus.insert(id, replay);
+                }
+                Err(record) => corrupt.push(record),
+            }
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|e| JournalError::Read(e.to_string()))?;
+            let (id, seq) = match codec::parse_journal_key(&key) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    corrupt.push(CorruptRecord {
+                        sku: None,
+                        seq: None,
+                        problem: error.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let replay = skus.entry(id.clone()).or_insert_with(|| Replay {
+                sku: None,
+                seq: 0,
+                replayed: 0,
+                broken: false,
+            });
+            if let Err(problem) = replay.feed(&id, seq, &value) {
+                corrupt.push(CorruptRecord {
+                    sku: Some(id),
+                    seq: Some(seq),
+                    problem,
+                });
+            } else {
+                report.records_replayed += 1;
+            }
+        }
+        if !corrupt.is_empty() {
+            return Err(JournalError::Corrupt(corrupt));
+        }
+        let mut recovered = Vec::with_capacity(skus.len());
+        for (id, replay) in skus {
+            let Some(sku) = replay.sku else {
+                return Err(JournalError::Corrupt(vec![CorruptRecord {
+                    sku: Some(id),
+                    seq: None,
+                    problem: "no definition found".into(),
+                }]));
+            };
+            let counts = sku.counts();
+            report.cards += counts.imported;
+            report.orders += sku.order_count() as u64;
+            recovered.push(RecoveredSku {
+                sku,
+                seq: replay.seq,
+                records_replayed: replay.replayed,
+            });
+        }
+        report.skus = recovered.len();
+        report.elapsed = started.elapsed();
+        Ok((recovered, report))
+    }
+
+    /// Rebuilds one SKU from disk, as [`Journal::recover`] does for all of them.
+    pub fn load_sku(&self, id: &SkuId) -> Result<Option<RecoveredSku>, JournalError> {
+        let snapshot = self
+            .db
+            .get_cf(self.cf(CF_SNAPSHOTS), codec::snapshot_key(id))
+            .map_err(|e| JournalError::Read(e.to_string()))?;
+        let mut replay = match snapshot {
+            Some(value) => {
+                decode_snapshot_entry(id.as_str().as_bytes(), &value)
+                    .map_err(|record| JournalError::Corrupt(vec![record]))?
+                    .1
+            }
+            None => Replay {
+                sku: None,
+                seq: 0,
+                replayed: 0,
+                broken: false,
+            },
+        };
+        let prefix = codec::journal_prefix(id);
+        let mode = IteratorMode::From(&prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_JOURNAL), mode) {
+            let (key, value) = item.map_err(|e| JournalError::Read(e.to_string()))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let (_, seq) = codec::parse_journal_key(&key).map_err(|e| {
+                JournalError::Corrupt(vec![CorruptRecord {
+                    sku: Some(id.clone()),
+                    seq: None,
+                    problem: e.to_string(),
+                }])
+            })?;
+            replay.feed(id, seq, &value).map_err(|problem| {
+                JournalError::Corrupt(vec![CorruptRecord {
+                    sku: Some(id.clone()),
+                    seq: Some(seq),
+                    problem,
+                }])
+            })?;
+        }
+        Ok(replay.sku.map(|sku| RecoveredSku {
+            sku,
+            seq: replay.seq,
+            records_replayed: replay.replayed,
+        }))
+    }
+
+    /// Raw access for tests that tamper with records or scan the files.
+    pub fn raw_put_journal_record(
+        &self,
+        sku: &SkuId,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), JournalError> {
+        self.db
+            .put_cf(self.cf(CF_JOURNAL), codec::journal_key(sku, seq), bytes)
+            .map_err(|e| JournalError::Write(e.to_string()))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn decode_snapshot_entry(key: &[u8], value: &[u8]) -> Result<(SkuId, Replay), CorruptRecord> {
+    let id = codec::parse_snapshot_key(key).map_err(|e| CorruptRecord {
+        sku: None,
+        seq: None,
+        problem: e.to_string(),
+    })?;
+    let corrupt = |problem: String| CorruptRecord {
+        sku: Some(id.clone()),
+        seq: None,
+        problem,
+    };
+    let (seq, snapshot) =
+        codec::decode_snapshot(value).map_err(|e: CodecError| corrupt(e.to_string()))?;
+    if snapshot.id != id {
+        return Err(corrupt(format!("snapshot is of SKU {}", snapshot.id)));
+    }
+    let sku = Sku::from_snapshot(snapshot).map_err(corrupt)?;
+    Ok((
+        id,
+        Replay {
+            sku: Some(sku),
+            seq,
+            replayed: 0,
+            broken: false,
+        },
+    ))
+}
+
+/// One SKU being rebuilt, record by record.
+struct Replay {
+    sku: Option<Sku>,
+    seq: u64,
+    replayed: u64,
+    /// Set at the first bad record: nothing after a hole can be trusted.
+    broken: bool,
+}
+
+impl Replay {
+    fn feed(&mut self, id: &SkuId, seq: u64, value: &[u8]) -> Result<(), String> {
+        if self.broken {
+            return Err("follows a corrupt record".into());
+        }
+        let result = self.feed_inner(id, seq, value);
+        self.broken = result.is_err();
+        result
+    }
+
+    fn feed_inner(&mut self, id: &SkuId, seq: u64, value: &[u8]) -> Result<(), String> {
+        if seq <= self.seq {
+            // Covered by the snapshot (a trim interrupted by a crash cannot leave
+            // these, but they would be harmless).
+            return Ok(());
+        }
+        if seq != self.seq + 1 {
+            return Err(format!("gap: record {} missing", self.seq + 1));
+        }
+        let events = codec::decode_events(value).map_err(|e| e.to_string())?;
+        for event in &events {
+            match &mut self.sku {
+                Some(sku) => sku.apply_checked(event)?,
+                None => {
+                    self.sku = Some(
+                        Sku::from_first_event(id.clone(), event)
+                            .ok_or("first record is not a definition")?,
+                    );
+                }
+            }
+        }
+        self.seq = seq;
+        self.replayed += 1;
+        Ok(())
+    }
+}
+
+fn run_writer(
+    db: &DB,
+    receiver: &mpsc::Receiver<WriterMsg>,
+    queued: &AtomicUsize,
+    options: &JournalOptions,
+    resync: &tokio::sync::mpsc::UnboundedSender<(SkuId, u64)>,
+) {
+    let journal_cf = db.cf_handle(CF_JOURNAL).expect("journal column family");
+    let snapshots_cf = db.cf_handle(CF_SNAPSHOTS).expect("snapshots column family");
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    // SKU → the newest actor epoch whose writes are refused.
+    let mut fenced: HashMap<SkuId, u64> = HashMap::new();
+    let batch_max = options
+        .batch_requests_max
+        .clamp(1, JOURNAL_BATCH_REQUESTS_MAX);
+    let fault = options.fault_injector.clone().unwrap_or_default();
+    let mut pending: Vec<JournalWrite> = Vec::with_capacity(batch_max);
+    let mut shutting_down = false;
+    while !shutting_down {
+        match receiver.recv() {
+            Ok(WriterMsg::Write(write)) => pending.push(write),
+            Ok(WriterMsg::Shutdown) | Err(_) => break,
+        }
+        while pending.len() < batch_max {
+            match receiver.try_recv() {
+                Ok(WriterMsg::Write(write)) => pending.push(write),
+                Ok(WriterMsg::Shutdown) => {
+                    shutting_down = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let taken = pending.len();
+        let mut batch = WriteBatch::default();
+        let mut accepted: Vec<JournalWrite> = Vec::with_capacity(taken);
+        for write in pending.drain(..) {
+            if let (Some(&fenced_epoch), Some(epoch)) = (fenced.get(&write.sku), write.epoch) {
+                if epoch <= fenced_epoch {
+                    (write.done)(Err(JournalError::Fenced));
+                    continue;
+                }
+                fenced.remove(&write.sku);
+            }
+            match &write.op {
+                JournalOp::Append { seq, record } => {
+                    batch.put_cf(journal_cf, codec::journal_key(&write.sku, *seq), record);
+                }
+                JournalOp::Snapshot { seq, record } => {
+                    batch.put_cf(snapshots_cf, codec::snapshot_key(&write.sku), record);
+                    batch.delete_range_cf(
+                        journal_cf,
+                        codec::journal_key(&write.sku, 0),
+                        codec::journal_key(&write.sku, seq + 1),
+                    );
+                }
+                JournalOp::Barrier => {}
+            }
+            accepted.push(write);
+        }
+        let started = Instant::now();
+        let result = if fault.take() {
+            Err("injected write failure".to_string())
+        } else if batch.is_empty() {
+            // Only barriers: everything before them was made durable by earlier batches.
+            Ok(())
+        } else {
+            db.write_opt(batch, &sync).map_err(|e| e.to_string())
+        };
+        metrics::histogram!("keydrop_journal_fsync_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("keydrop_journal_batch_requests").record(accepted.len() as f64);
+        queued.fetch_sub(taken, Ordering::Relaxed);
+        metrics::gauge!("keydrop_journal_queue_depth").set(queued.load(Ordering::Relaxed) as f64);
+        match result {
+            Ok(()) => {
+                for write in accepted {
+                    (write.done)(Ok(()));
+                }
+            }
+            Err(message) => {
+                metrics::counter!("keydrop_journal_write_failures_total").increment(1);
+                tracing::error!(requests = accepted.len(), error = %message, "journal write failed; failing the batch and reloading its SKUs");
+                for write in accepted {
+                    if let Some(epoch) = write.epoch {
+                        let already = fenced
+                            .get(&write.sku)
+                            .is_some_and(|&fenced_epoch| fenced_epoch >= epoch);
+                        if !already {
+                            fenced.insert(write.sku.clone(), epoch);
+                            // The actor ignores a resync for an epoch it has left behind.
+                            let _ = resync.send((write.sku.clone(), epoch));
+                        }
+                    }
+                    (write.done)(Err(JournalError::Write(message.clone())));
+                }
+            }
+        }
+    }
+    // Anything still queued after shutdown is refused, never silently dropped.
+    for message in receiver.try_iter() {
+        if let WriterMsg::Write(write) = message {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            (write.done)(Err(JournalError::Closed));
+        }
+    }
+}

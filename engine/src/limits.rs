@@ -1,0 +1,49 @@
+//! Every bound the engine enforces, in one place. Each is a `*_MAX` with the reason
+//! it has the value it has.
+
+/// SKU ids appear in URLs, RocksDB keys and metric labels.
+pub const SKU_ID_BYTES_MAX: usize = 64;
+/// Shop account ids; the HTTP contract allows up to 128 bytes.
+pub const USER_ID_BYTES_MAX: usize = 128;
+pub const DEVICE_ID_BYTES_MAX: usize = 128;
+pub const SERIAL_BYTES_MAX: usize = 128;
+/// Card secrets (codes, licence keys); longer payloads belong in a file store.
+pub const SECRET_BYTES_MAX: usize = 1024;
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+pub const PAYMENT_REF_BYTES_MAX: usize = 128;
+pub const SKU_NAME_BYTES_MAX: usize = 200;
+
+/// Cards one SKU can hold; card indexes are `u32`.
+pub const CARDS_PER_SKU_MAX: usize = 50_000_000;
+const _: () = assert!(CARDS_PER_SKU_MAX <= u32::MAX as usize);
+
+/// Cards in one import command; bigger files are split by the caller so that one
+/// journal record stays well under RocksDB's comfortable value size.
+pub const IMPORT_BATCH_CARDS_MAX: usize = 10_000;
+
+/// Orders expired by one `ExpireDue`; the rest follow on the next pass so that one
+/// actor turn stays short.
+pub const EXPIRE_BATCH_ORDERS_MAX: usize = 4096;
+
+/// Refused payments kept on one order; past this a payment is still refused, and
+/// the refusal is logged, but the order stops growing.
+pub const REFUSED_PAYMENTS_PER_ORDER_MAX: usize = 64;
+
+/// Reservation lifetimes: long enough to pay, short enough to not starve a drop.
+pub const RESERVATION_TTL_MS_MIN: u64 = 1_000;
+pub const RESERVATION_TTL_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+
+/// Requests one journal `WriteBatch` may carry (one fsync for all of them).
+pub const JOURNAL_BATCH_REQUESTS_MAX: usize = 4096;
+const _: () = assert!(JOURNAL_BATCH_REQUESTS_MAX <= u16::MAX as usize);
+
+/// Journal requests waiting for the writer across all SKUs; past this, commands
+/// are refused as overloaded before they touch any state.
+pub const JOURNAL_QUEUE_DEPTH_MAX: usize = 65_536;
+const _: () = assert!(JOURNAL_QUEUE_DEPTH_MAX >= JOURNAL_BATCH_REQUESTS_MAX);
+
+/// Commands waiting in one SKU actor's mailbox; past this, refused as overloaded.
+pub const ACTOR_MAILBOX_DEPTH_MAX: usize = 16_384;
+
+/// Journal records of one SKU after its last snapshot before a new one is taken.
+pub const EVENTS_BETWEEN_SNAPSHOTS_MIN: u64 = 20_000;

@@ -1,0 +1,719 @@
+//! State machine tests: a table of scenarios, then random command sequences against a
+//! small reference model (proptest), with snapshots and journal replay thrown in.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::codec;
+use crate::ids::{PaymentRef, RequestFingerprint};
+use crate::vault::{CardSecret, KeyRing};
+
+const T0: u64 = 1_700_000_000_000;
+const TTL_MS: u64 = 60_000;
+
+fn sku_id() -> SkuId {
+    SkuId::parse("gift-100").unwrap()
+}
+
+fn def() -> SkuDef {
+    SkuDef {
+        name: "Gift card 100".into(),
+        price_cents: 10_000,
+        per_user_limit: 2,
+        per_device_limit: Some(3),
+        reservation_ttl_ms: TTL_MS,
+        starts_at: Some(Timestamp(T0)),
+        ends_at: Some(Timestamp(T0 + 10_000_000)),
+        low_stock_threshold: 0,
+    }
+}
+
+fn sealed(serial: &CardSerial) -> SealedSecret {
+    let ring = KeyRing::new(vec![zeroize::Zeroizing::new([1u8; 32])]).unwrap();
+    ring.seal(
+        &sku_id(),
+        serial,
+        &CardSecret::new(format!("secret-{serial}")).unwrap(),
+    )
+}
+
+fn cards(serials: &[&str]) -> Command {
+    Command::ImportCards(
+        serials
+            .iter()
+            .map(|s| {
+                let serial = CardSerial::parse(*s).unwrap();
+                NewCard {
+                    sealed: sealed(&serial),
+                    serial,
+                }
+            })
+            .collect(),
+    )
+}
+
+fn reserve(user: &str, device: Option<&str>, key: Option<(&str, u8)>) -> (OrderId, Command) {
+    let order_id = OrderId::generate(&sku_id());
+    let command = Command::Reserve(ReserveRequest {
+        order_id,
+        user: UserId::parse(user).unwrap(),
+        device: device.map(|d| DeviceId::parse(d).unwrap()),
+        idempotency: key.map(|(k, fp)| {
+            (
+                IdempotencyKey::parse(k).unwrap(),
+                RequestFingerprint([fp; 16]),
+            )
+        }),
+    });
+    (order_id, command)
+}
+
+fn pay(order_id: OrderId, reference: &str, amount_cents: u64) -> Command {
+    Command::ConfirmPayment {
+        order_id,
+        payment_ref: PaymentRef::parse(reference).unwrap(),
+        amount_cents,
+    }
+}
+
+fn new_sku() -> Sku {
+    Sku::create(sku_id(), def(), Timestamp(T0 - 1000))
+        .unwrap()
+        .0
+}
+
+#[test]
+fn scenario_reserve_pay_reveal() {
+    let mut sku = new_sku();
+    let now = Timestamp(T0);
+    assert_eq!(
+        sku.handle(cards(&["A", "B"]), now)
+            .reply
+            .unwrap_matches_imported(),
+        (2, 0)
+    );
+    let (id, cmd) = reserve("alice", None, None);
+    let decision = sku.handle(cmd, now);
+    assert_eq!(decision.events.len(), 1);
+    assert!(matches!(decision.reply, Ok(Reply::Reserved(_))));
+    assert_eq!(sku.reveal(&id), Err(SkuError::NotPaid));
+    assert!(matches!(
+        sku.handle(pay(id, "p1", 10_000), now).reply,
+        Ok(Reply::Paid(_))
+    ));
+    assert_eq!(sku.reveal(&id).unwrap().serial.as_str(), "A");
+    // Same payment again: idempotent, nothing journaled.
+    let again = sku.handle(pay(id, "p1", 10_000), now);
+    assert!(again.events.is_empty());
+    assert!(matches!(again.reply, Ok(Reply::Paid(_))));
+    // Another payment on a paid order is refused and recorded for refund.
+    let second = sku.handle(pay(id, "p2", 10_000), now);
+    assert_eq!(second.reply.unwrap_err(), SkuError::AlreadyPaid);
+    assert_eq!(second.events.len(), 1);
+    assert_eq!(sku.orders_with_refused_payments().len(), 1);
+    assert_eq!(
+        sku.counts(),
+        StockCounts {
+            available: 1,
+            reserved: 0,
+            sold: 1,
+            imported: 2
+        }
+    );
+}
+
+trait ImportedExt {
+    fn unwrap_matches_imported(self) -> (u64, u64);
+}
+impl ImportedExt for Result<Reply, SkuError> {
+    fn unwrap_matches_imported(self) -> (u64, u64) {
+        match self {
+            Ok(Reply::Imported(outcome)) => (outcome.imported, outcome.duplicates),
+            other => panic!("expected an import, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn scenario_duplicates_are_counted_not_added() {
+    let mut sku = new_sku();
+    let now = Timestamp(T0);
+    assert_eq!(
+        sku.handle(cards(&["A", "A", "B"]), now)
+            .reply
+            .unwrap_matches_imported(),
+        (2, 1)
+    );
+    let decision = sku.handle(cards(&["A", "B"]), now);
+    assert!(decision.events.is_empty());
+    assert_eq!(decision.reply.unwrap_matches_imported(), (0, 2));
+    assert_eq!(sku.counts().imported, 2);
+}
+
+#[test]
+fn scenario_sale_window_and_sold_out() {
+    let mut sku = new_sku();
+    sku.handle(cards(&["A"]), Timestamp(T0 - 500));
+    let (_, early) = reserve("u", None, None);
+    assert_eq!(
+        sku.handle(early, Timestamp(T0 - 1)).reply.unwrap_err(),
+        SkuError::NotOnSale {
+            status: SkuStatus::Scheduled
+        }
+    );
+    let (_, first) = reserve("u", None, None);
+    assert!(sku.handle(first, Timestamp(T0)).reply.is_ok());
+    let (_, second) = reserve("v", None, None);
+    assert_eq!(
+        sku.handle(second, Timestamp(T0)).reply.unwrap_err(),
+        SkuError::SoldOut
+    );
+    let (_, late) = reserve("w", None, None);
+    assert_eq!(
+        sku.handle(late, Timestamp(T0 + 10_000_000))
+            .reply
+            .unwrap_err(),
+        SkuError::NotOnSale {
+            status: SkuStatus::Ended
+        }
+    );
+}
+
+#[test]
+fn scenario_limits_count_live_orders_only() {
+    let mut sku = new_sku();
+    let now = Timestamp(T0);
+    sku.handle(cards(&["A", "B", "C", "D", "E"]), now);
+    let (a, cmd) = reserve("u", Some("d"), None);
+    assert!(sku.handle(cmd, now).reply.is_ok());
+    let (_, cmd) = reserve("u", Some("d"), None);
+    assert!(sku.handle(cmd, now).reply.is_ok());
+    let (_, cmd) = reserve("u", Some("d"), None);
+    assert!(matches!(
+        sku.handle(cmd, now).reply,
+        Err(SkuError::PurchaseLimit {
+            scope: LimitScope::User,
+            limit: 2
+        })
+    ));
+    // A third user id on the same device: the device limit (3) still has room once.
+    let (_, cmd) = reserve("x", Some("d"), None);
+    assert!(sku.handle(cmd, now).reply.is_ok());
+    let (_, cmd) = reserve("y", Some("d"), None);
+    assert!(matches!(
+        sku.handle(cmd, now).reply,
+        Err(SkuError::PurchaseLimit {
+            scope: LimitScope::Device,
+            limit: 3
+        })
+    ));
+    // Cancelling frees both the user's and the device's slot.
+    assert!(matches!(
+        sku.handle(Command::Cancel { order_id: a }, now).reply,
+        Ok(Reply::Cancelled(_))
+    ));
+    let (_, cmd) = reserve("u", Some("d"), None);
+    assert!(sku.handle(cmd, now).reply.is_ok());
+    sku.check_invariants().unwrap();
+}
+
+#[test]
+fn scenario_idempotency() {
+    let mut sku = new_sku();
+    let now = Timestamp(T0);
+    sku.handle(cards(&["A", "B"]), now);
+    let (id, cmd) = reserve("u", None, Some(("k1", 1)));
+    assert!(sku.handle(cmd, now).reply.is_ok());
+    let (_, retry) = reserve("u", None, Some(("k1", 1)));
+    let decision = sku.handle(retry, now);
+    assert!(decision.events.is_empty());
+    match decision.reply {
+        Ok(Reply::Reserved(view)) => {
+            assert_eq!(view.order_id, id);
+            assert!(view.replayed);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, changed) = reserve("u", None, Some(("k1", 2)));
+    assert_eq!(
+        sku.handle(changed, now).reply.unwrap_err(),
+        SkuError::IdempotencyKeyReused
+    );
+    assert_eq!(sku.counts().reserved, 1);
+}
+
+#[test]
+fn scenario_expiry_returns_card_and_late_payment_is_recorded() {
+    let mut sku = new_sku();
+    sku.handle(cards(&["A"]), Timestamp(T0));
+    let (id, cmd) = reserve("u", None, None);
+    sku.handle(cmd, Timestamp(T0));
+    assert_eq!(sku.next_expiry(), Some(Timestamp(T0 + TTL_MS)));
+    let early = sku.handle(Command::ExpireDue, Timestamp(T0 + TTL_MS - 1));
+    assert!(early.events.is_empty());
+    let due = sku.handle(Command::ExpireDue, Timestamp(T0 + TTL_MS));
+    assert_eq!(due.events.len(), 1);
+    assert_eq!(sku.counts().available, 1);
+    let late = sku.handle(pay(id, "p", 10_000), Timestamp(T0 + TTL_MS + 5));
+    assert_eq!(late.reply.unwrap_err(), SkuError::ReservationExpired);
+    let refused = &sku.order(&id).unwrap().refused_payments;
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].reason, RefusalReason::Expired);
+    // The same late callback again is not recorded twice.
+    assert!(sku
+        .handle(pay(id, "p", 10_000), Timestamp(T0 + TTL_MS + 6))
+        .events
+        .is_empty());
+}
+
+#[test]
+fn scenario_payment_at_deadline_expires_in_the_same_write() {
+    let mut sku = new_sku();
+    sku.handle(cards(&["A"]), Timestamp(T0));
+    let (id, cmd) = reserve("u", None, None);
+    sku.handle(cmd, Timestamp(T0));
+    let decision = sku.handle(pay(id, "p", 10_000), Timestamp(T0 + TTL_MS));
+    assert_eq!(decision.reply.unwrap_err(), SkuError::ReservationExpired);
+    assert!(matches!(decision.events[0], Event::Expired { .. }));
+    assert!(matches!(decision.events[1], Event::PaymentRefused { .. }));
+    assert_eq!(sku.counts().available, 1);
+}
+
+#[test]
+fn scenario_wrong_amount_is_refused_and_order_stays_payable() {
+    let mut sku = new_sku();
+    let now = Timestamp(T0);
+    sku.handle(cards(&["A"]), now);
+    let (id, cmd) = reserve("u", None, None);
+    sku.handle(cmd, now);
+    let wrong = sku.handle(pay(id, "p1", 9_999), now);
+    assert_eq!(
+        wrong.reply.unwrap_err(),
+        SkuError::AmountMismatch {
+            expected_cents: 10_000
+        }
+    );
+    assert!(matches!(
+        sku.handle(pay(id, "p2", 10_000), now).reply,
+        Ok(Reply::Paid(_))
+    ));
+}
+
+#[test]
+fn clock_going_backwards_is_clamped() {
+    let mut sku = new_sku();
+    sku.handle(cards(&["A"]), Timestamp(T0 + 100));
+    let (_, cmd) = reserve("u", None, None);
+    // An earlier `now` than already seen is treated as the latest one.
+    match sku.handle(cmd, Timestamp(T0 - 5000)).reply {
+        Ok(Reply::Reserved(view)) => assert_eq!(view.created_at, Timestamp(T0 + 100)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn invalid_definitions_are_refused() {
+    let mut bad = def();
+    bad.per_user_limit = 0;
+    assert!(matches!(
+        Sku::create(sku_id(), bad, Timestamp(0)),
+        Err(SkuError::InvalidDefinition(_))
+    ));
+    let mut bad = def();
+    bad.ends_at = bad.starts_at;
+    assert!(bad.validate().is_err());
+    let mut bad = def();
+    bad.reservation_ttl_ms = 10;
+    assert!(bad.validate().is_err());
+    let mut bad = def();
+    bad.name = " ".into();
+    assert!(bad.validate().is_err());
+}
+
+#[test]
+fn apply_checked_refuses_events_that_do_not_fit() {
+    let mut sku = new_sku();
+    let stranger = OrderId::generate(&sku_id());
+    assert!(sku
+        .apply_checked(&Event::Paid {
+            order_id: stranger,
+            payment_ref: PaymentRef::parse("p").unwrap(),
+            amount_cents: 1,
+            at: Timestamp(T0)
+        })
+        .is_err());
+    assert!(sku
+        .apply_checked(&Event::Reserved {
+            order_id: stranger,
+            card: 99,
+            user: UserId::parse("u").unwrap(),
+            device: None,
+            idempotency: None,
+            price_cents: 1,
+            expires_at: Timestamp(T0),
+            at: Timestamp(T0),
+        })
+        .is_err());
+    sku.check_invariants().unwrap();
+}
+
+// ---- model-based property test ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Import(Vec<u8>),
+    Reserve {
+        user: u8,
+        device: Option<u8>,
+        key: Option<u8>,
+        fingerprint: u8,
+    },
+    Pay {
+        order: usize,
+        reference: u8,
+        exact: bool,
+    },
+    Cancel {
+        order: usize,
+    },
+    PayUnknown,
+    Advance(u64),
+    ExpireDue,
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => prop::collection::vec(0u8..24, 1..6).prop_map(Op::Import),
+        6 => (0u8..5, prop::option::of(0u8..3), prop::option::of(0u8..4), 0u8..2)
+            .prop_map(|(user, device, key, fingerprint)| Op::Reserve { user, device, key, fingerprint }),
+        3 => (0usize..64, 0u8..3, prop::bool::weighted(0.85)).prop_map(|(order, reference, exact)| Op::Pay { order, reference, exact }),
+        1 => (0usize..64).prop_map(|order| Op::Cancel { order }),
+        1 => Just(Op::PayUnknown),
+        2 => prop_oneof![Just(1u64), Just(TTL_MS / 2), Just(TTL_MS), Just(3 * TTL_MS)].prop_map(Op::Advance),
+        1 => Just(Op::ExpireDue),
+        1 => Just(Op::Restart),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum MStatus {
+    Reserved,
+    Paid(u8),
+    Expired,
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+struct MOrder {
+    id: OrderId,
+    user: u8,
+    device: Option<u8>,
+    expires_at: u64,
+    status: MStatus,
+    refused: Vec<(u8, SkuError)>,
+}
+
+/// The reference model: counters and a list of orders, nothing clever.
+#[derive(Default)]
+struct Model {
+    serials: std::collections::HashSet<u8>,
+    available: u64,
+    orders: Vec<MOrder>,
+    keys: HashMap<u8, (u8, usize)>,
+    now: u64,
+}
+
+impl Model {
+    fn live(&self, pred: impl Fn(&MOrder) -> bool) -> u32 {
+        self.orders
+            .iter()
+            .filter(|o| matches!(o.status, MStatus::Reserved | MStatus::Paid(_)) && pred(o))
+            .count() as u32
+    }
+
+    fn counts(&self) -> StockCounts {
+        let reserved = self
+            .orders
+            .iter()
+            .filter(|o| o.status == MStatus::Reserved)
+            .count() as u64;
+        let sold = self
+            .orders
+            .iter()
+            .filter(|o| matches!(o.status, MStatus::Paid(_)))
+            .count() as u64;
+        StockCounts {
+            available: self.available,
+            reserved,
+            sold,
+            imported: self.serials.len() as u64,
+        }
+    }
+
+    fn release(&mut self, index: usize, status: MStatus) {
+        assert_eq!(self.orders[index].status, MStatus::Reserved);
+        self.orders[index].status = status;
+        self.available += 1;
+    }
+}
+
+fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let def = def();
+    let (mut sku, first) = Sku::create(sku_id(), def.clone(), Timestamp(T0)).unwrap();
+    let mut log: Vec<Event> = vec![first];
+    let mut model = Model {
+        now: T0,
+        ..Model::default()
+    };
+    for op in ops {
+        let now = Timestamp(model.now);
+        match op {
+            Op::Import(serials) => {
+                let names: Vec<String> = serials.iter().map(|s| format!("S{s}")).collect();
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let decision = sku.handle(cards(&refs), now);
+                let mut fresh = 0;
+                for s in &serials {
+                    if model.serials.insert(*s) {
+                        fresh += 1;
+                    }
+                }
+                model.available += fresh;
+                prop_assert_eq!(
+                    decision.reply.clone().unwrap_matches_imported(),
+                    (fresh, serials.len() as u64 - fresh)
+                );
+                log.extend(decision.events);
+            }
+            Op::Reserve {
+                user,
+                device,
+                key,
+                fingerprint,
+            } => {
+                let key_text = key.map(|k| format!("key-{k}"));
+                let (id, cmd) = reserve(
+                    &format!("user-{user}"),
+                    device.map(|d| format!("dev-{d}")).as_deref(),
+                    key_text.as_deref().map(|k| (k, fingerprint)),
+                );
+                let decision = sku.handle(cmd, now);
+                let expected: Result<Option<usize>, SkuError> =
+                    if let Some((fp, index)) = key.and_then(|k| model.keys.get(&k)) {
+                        if *fp == fingerprint {
+                            Ok(Some(*index))
+                        } else {
+                            Err(SkuError::IdempotencyKeyReused)
+                        }
+                    } else if model.available == 0 {
+                        Err(SkuError::SoldOut)
+                    } else if model.live(|o| o.user == user) >= def.per_user_limit {
+                        Err(SkuError::PurchaseLimit {
+                            scope: LimitScope::User,
+                            limit: def.per_user_limit,
+                        })
+                    } else if device.is_some()
+                        && model.live(|o| o.device == device) >= def.per_device_limit.unwrap()
+                    {
+                        Err(SkuError::PurchaseLimit {
+                            scope: LimitScope::Device,
+                            limit: def.per_device_limit.unwrap(),
+                        })
+                    } else {
+                        Ok(None)
+                    };
+                match (expected, decision.reply.clone()) {
+                    (Ok(Some(index)), Ok(Reply::Reserved(view))) => {
+                        prop_assert_eq!(view.order_id, model.orders[index].id);
+                        prop_assert!(view.replayed);
+                        prop_assert!(decision.events.is_empty());
+                    }
+                    (Ok(None), Ok(Reply::Reserved(view))) => {
+                        prop_assert_eq!(view.order_id, id);
+                        model.available -= 1;
+                        if let Some(k) = key {
+                            model.keys.insert(k, (fingerprint, model.orders.len()));
+                        }
+                        model.orders.push(MOrder {
+                            id,
+                            user,
+                            device,
+                            expires_at: model.now + TTL_MS,
+                            status: MStatus::Reserved,
+                            refused: vec![],
+                        });
+                    }
+                    (Err(want), Err(got)) => prop_assert_eq!(want, got),
+                    (want, got) => {
+                        prop_assert!(false, "reserve: model {:?}, machine {:?}", want, got)
+                    }
+                }
+                log.extend(decision.events);
+            }
+            Op::Pay {
+                order,
+                reference,
+                exact,
+            } => {
+                if model.orders.is_empty() {
+                    continue;
+                }
+                let index = order % model.orders.len();
+                let amount = if exact {
+                    def.price_cents
+                } else {
+                    def.price_cents + 1
+                };
+                let decision = sku.handle(
+                    pay(model.orders[index].id, &format!("pay-{reference}"), amount),
+                    now,
+                );
+                let o = model.orders[index].clone();
+                let expected: Result<(), SkuError> = if let Some((_, e)) =
+                    o.refused.iter().find(|(r, _)| *r == reference)
+                {
+                    Err(e.clone())
+                } else {
+                    let refusal = match o.status {
+                        MStatus::Paid(r) if r == reference => None,
+                        MStatus::Paid(_) => Some(SkuError::AlreadyPaid),
+                        MStatus::Expired | MStatus::Cancelled => Some(SkuError::ReservationExpired),
+                        MStatus::Reserved if model.now >= o.expires_at => {
+                            model.release(index, MStatus::Expired);
+                            Some(SkuError::ReservationExpired)
+                        }
+                        MStatus::Reserved if !exact => Some(SkuError::AmountMismatch {
+                            expected_cents: def.price_cents,
+                        }),
+                        MStatus::Reserved => {
+                            model.orders[index].status = MStatus::Paid(reference);
+                            None
+                        }
+                    };
+                    match refusal {
+                        Some(e) => {
+                            model.orders[index].refused.push((reference, e.clone()));
+                            Err(e)
+                        }
+                        None => Ok(()),
+                    }
+                };
+                match (expected, decision.reply.clone()) {
+                    (Ok(()), Ok(Reply::Paid(view))) => {
+                        prop_assert_eq!(view.status.as_str(), "paid")
+                    }
+                    (Err(want), Err(got)) => prop_assert_eq!(want, got),
+                    (want, got) => prop_assert!(false, "pay: model {:?}, machine {:?}", want, got),
+                }
+                log.extend(decision.events);
+            }
+            Op::Cancel { order } => {
+                if model.orders.is_empty() {
+                    continue;
+                }
+                let index = order % model.orders.len();
+                let decision = sku.handle(
+                    Command::Cancel {
+                        order_id: model.orders[index].id,
+                    },
+                    now,
+                );
+                let expected = match model.orders[index].status {
+                    MStatus::Cancelled => Ok(()),
+                    MStatus::Paid(_) => Err(SkuError::AlreadyPaid),
+                    MStatus::Expired => Err(SkuError::ReservationExpired),
+                    MStatus::Reserved if model.now >= model.orders[index].expires_at => {
+                        model.release(index, MStatus::Expired);
+                        Err(SkuError::ReservationExpired)
+                    }
+                    MStatus::Reserved => {
+                        model.release(index, MStatus::Cancelled);
+                        Ok(())
+                    }
+                };
+                match (expected, decision.reply.clone()) {
+                    (Ok(()), Ok(Reply::Cancelled(_))) => {}
+                    (Err(want), Err(got)) => prop_assert_eq!(want, got),
+                    (want, got) => {
+                        prop_assert!(false, "cancel: model {:?}, machine {:?}", want, got)
+                    }
+                }
+                log.extend(decision.events);
+            }
+            Op::PayUnknown => {
+                let decision = sku.handle(pay(OrderId::generate(&sku_id()), "x", 1), now);
+                prop_assert_eq!(decision.reply.unwrap_err(), SkuError::OrderNotFound);
+                prop_assert!(decision.events.is_empty());
+            }
+            Op::Advance(ms) => model.now += ms,
+            Op::ExpireDue => {
+                let decision = sku.handle(Command::ExpireDue, now);
+                let mut expected = 0;
+                for index in 0..model.orders.len() {
+                    if model.orders[index].status == MStatus::Reserved
+                        && model.orders[index].expires_at <= model.now
+                    {
+                        model.release(index, MStatus::Expired);
+                        expected += 1;
+                    }
+                }
+                match decision.reply {
+                    Ok(Reply::Expired { count }) => prop_assert_eq!(count, expected),
+                    other => prop_assert!(false, "expire answered {:?}", other),
+                }
+                log.extend(decision.events);
+            }
+            Op::Restart => {
+                // Through the real codec, as recovery does: snapshot, and full replay.
+                let bytes = codec::encode_snapshot(7, sku.snapshot_ref());
+                let (seq, snapshot) = codec::decode_snapshot(&bytes).unwrap();
+                prop_assert_eq!(seq, 7);
+                let from_snapshot = Sku::from_snapshot(snapshot).map_err(TestCaseError::fail)?;
+                let mut replayed = Sku::from_first_event(sku_id(), &log[0]).unwrap();
+                for event in &log[1..] {
+                    let decoded =
+                        codec::decode_events(&codec::encode_events(std::slice::from_ref(event)))
+                            .unwrap();
+                    replayed
+                        .apply_checked(&decoded[0])
+                        .map_err(TestCaseError::fail)?;
+                }
+                prop_assert_eq!(
+                    codec::encode_snapshot(0, replayed.snapshot_ref()),
+                    codec::encode_snapshot(0, sku.snapshot_ref())
+                );
+                prop_assert_eq!(
+                    codec::encode_snapshot(0, from_snapshot.snapshot_ref()),
+                    codec::encode_snapshot(0, sku.snapshot_ref())
+                );
+                sku = from_snapshot;
+            }
+        }
+        prop_assert_eq!(sku.counts(), model.counts());
+        sku.check_invariants().map_err(TestCaseError::fail)?;
+    }
+    Ok(())
+}
+
+fn proptest_config() -> ProptestConfig {
+    // Failing cases are shrunk, printed and kept in proptest-regressions/ to replay.
+    let cases = std::env::var("KEYDROP_PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(256);
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(proptest_config())]
+    #[test]
+    fn machine_matches_model(ops in prop::collection::vec(op(), 1..120)) {
+        run_ops(ops)?;
+    }
+}

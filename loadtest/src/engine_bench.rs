@@ -1,0 +1,396 @@
+//! `keydrop-load engine`: the engine benchmark, in process, with a durable journal.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use keydrop_engine::{
+    CardSecret, CardSerial, Engine, EngineConfig, EngineError, KeyRing, Reservation, SkuDef,
+    SkuError, SkuId, UserId,
+};
+use serde::Serialize;
+
+use crate::stats::{format_us, new_histogram, Percentiles};
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// SKUs in the spread drop.
+    #[arg(long, default_value_t = 10_000)]
+    skus: usize,
+    /// Cards in each drop (spread over the SKUs, or all on the hot SKU).
+    #[arg(long, default_value_t = 1_000_000)]
+    cards: u64,
+    /// Buyers in flight at once (closed loop: each sends its next request on an answer).
+    #[arg(long, default_value_t = 4096)]
+    concurrency: usize,
+    /// Longest a drop phase may run.
+    #[arg(long, default_value_t = 20)]
+    max_secs: u64,
+    /// How long the one-fsync-per-request baseline runs.
+    #[arg(long, default_value_t = 3)]
+    baseline_secs: u64,
+    /// Cards and orders for the recovery measurement (0 cards skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    recovery_cards: u64,
+    #[arg(long, default_value_t = 500_000)]
+    recovery_orders: u64,
+    /// Where the RocksDB folders go (a temporary folder by default). Put it on the
+    /// disk you want measured.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Write the report as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct PhaseReport {
+    name: String,
+    skus: usize,
+    cards: u64,
+    reserved: u64,
+    sold_out: u64,
+    errors: u64,
+    seconds: f64,
+    reservations_per_sec: f64,
+    latency: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct RecoveryReport {
+    cards: u64,
+    orders: u64,
+    journal_only_seconds: f64,
+    snapshot_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    command: String,
+    durability: &'static str,
+    phases: Vec<PhaseReport>,
+    group_commit_gain: f64,
+    recovery: Option<RecoveryReport>,
+}
+
+pub fn run(args: EngineArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run_async(args))
+}
+
+async fn open_engine(dir: &std::path::Path, batch_requests_max: Option<usize>) -> Result<Engine> {
+    let mut config =
+        EngineConfig::new(dir, KeyRing::new(vec![zeroize::Zeroizing::new([7u8; 32])])?);
+    if let Some(max) = batch_requests_max {
+        config.journal.batch_requests_max = max;
+    }
+    Ok(Engine::open(config).await?)
+}
+
+fn def(name: &str) -> SkuDef {
+    SkuDef {
+        name: name.to_string(),
+        price_cents: 999,
+        per_user_limit: 1,
+        per_device_limit: None,
+        reservation_ttl_ms: 3_600_000,
+        starts_at: None,
+        ends_at: None,
+        low_stock_threshold: 0,
+    }
+}
+
+/// Defines `skus` SKUs and spreads `cards` over them.
+async fn stock(engine: &Engine, prefix: &str, skus: usize, cards: u64) -> Result<Vec<SkuId>> {
+    let mut ids = Vec::with_capacity(skus);
+    let per_sku = cards / skus as u64;
+    let mut extra = cards % skus as u64;
+    for s in 0..skus {
+        let id = SkuId::parse(format!("{prefix}-{s}"))?;
+        engine.define_sku(id.clone(), def(prefix)).await?;
+        let count = per_sku + u64::from(extra > 0);
+        extra = extra.saturating_sub(1);
+        let batch: Vec<(CardSerial, CardSecret)> = (0..count)
+            .map(|i| {
+                Ok((
+                    CardSerial::parse(format!("{s}-{i}"))?,
+                    CardSecret::new(format!("secret-{s}-{i}"))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        engine.import_cards(&id, batch).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Closed-loop buyers until every card is reserved or `max` passes.
+async fn drive(
+    engine: &Engine,
+    skus: Arc<Vec<SkuId>>,
+    cards: u64,
+    concurrency: usize,
+    max: Duration,
+    name: &str,
+) -> PhaseReport {
+    let next_user = Arc::new(AtomicU64::new(0));
+    let reserved = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for task in 0..concurrency {
+        let (engine, skus, next_user, reserved, stop) = (
+            engine.clone(),
+            Arc::clone(&skus),
+            Arc::clone(&next_user),
+            Arc::clone(&reserved),
+            Arc::clone(&stop),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = new_histogram();
+            let (mut sold_out, mut errors) = (0u64, 0u64);
+            let mut pick = task;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < max {
+                let n = next_user.fetch_add(1, Ordering::Relaxed);
+                pick = pick
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407 + n as usize);
+                let sku = &skus[(pick >> 17) % skus.len()];
+                let user = UserId::parse(format!("u{n}")).expect("valid user id");
+                let sent = Instant::now();
+                let result = engine
+                    .reserve(
+                        sku,
+                        Reservation {
+                            user,
+                            device: None,
+                            idempotency: None,
+                        },
+                    )
+                    .await;
+                let micros = sent.elapsed().as_micros().max(1) as u64;
+                match result {
+                    Ok(_) => {
+                        histogram.saturating_record(micros);
+                        if reserved.fetch_add(1, Ordering::Relaxed) + 1 >= cards {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(EngineError::Sku(SkuError::SoldOut)) => sold_out += 1,
+                    Err(_) => errors += 1,
+                }
+            }
+            (histogram, sold_out, errors)
+        }));
+    }
+    let mut histogram: Histogram<u64> = new_histogram();
+    let (mut sold_out, mut errors) = (0, 0);
+    for task in tasks {
+        if let Ok((h, s, e)) = task.await {
+            histogram.add(&h).expect("same bounds");
+            sold_out += s;
+            errors += e;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let reserved = reserved.load(Ordering::Relaxed);
+    PhaseReport {
+        name: name.to_string(),
+        skus: skus.len(),
+        cards,
+        reserved,
+        sold_out,
+        errors,
+        seconds,
+        reservations_per_sec: reserved as f64 / seconds,
+        latency: Percentiles::of(&histogram),
+    }
+}
+
+async fn phase(
+    args: &EngineArgs,
+    root: &std::path::Path,
+    name: &str,
+    skus: usize,
+    cards: u64,
+    batch: Option<usize>,
+    max: Duration,
+) -> Result<PhaseReport> {
+    let dir = root.join(name);
+    let engine = open_engine(&dir, batch).await?;
+    eprintln!("[{name}] stocking {cards} cards on {skus} SKU(s)…");
+    let ids = stock(&engine, name, skus, cards).await?;
+    eprintln!("[{name}] running…");
+    let report = drive(&engine, Arc::new(ids), cards, args.concurrency, max, name).await;
+    engine.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    print_phase(&report);
+    Ok(report)
+}
+
+fn print_phase(p: &PhaseReport) {
+    eprintln!(
+        "[{}] {} reserved in {:.2} s = {:.0}/s; p50 {} p99 {} p99.9 {} max {}; sold_out {} errors {}",
+        p.name,
+        p.reserved,
+        p.seconds,
+        p.reservations_per_sec,
+        format_us(p.latency.p50_us),
+        format_us(p.latency.p99_us),
+        format_us(p.latency.p999_us),
+        format_us(p.latency.max_us),
+        p.sold_out,
+        p.errors
+    );
+}
+
+async fn recovery(
+    root: &std::path::Path,
+    cards: u64,
+    orders: u64,
+    concurrency: usize,
+) -> Result<RecoveryReport> {
+    let dir = root.join("recovery");
+    let skus = 10usize;
+    {
+        let engine = open_engine(&dir, None).await?;
+        eprintln!("[recovery] stocking {cards} cards, reserving {orders}…");
+        let ids = stock(&engine, "recovery", skus, cards).await?;
+        let report = drive(
+            &engine,
+            Arc::new(ids),
+            orders,
+            concurrency,
+            Duration::from_secs(120),
+            "recovery-load",
+        )
+        .await;
+        anyhow::ensure!(
+            report.reserved >= orders,
+            "only {} of {orders} orders placed",
+            report.reserved
+        );
+        // Stopped without snapshots: the next open replays the journal, as after a crash.
+        engine.halt().await;
+    }
+    let started = Instant::now();
+    let engine = open_engine(&dir, None).await?;
+    let journal_only = started.elapsed().as_secs_f64();
+    let recovered = engine.recovery_report().clone();
+    engine.shutdown().await; // writes snapshots
+    let started = Instant::now();
+    let engine = open_engine(&dir, None).await?;
+    let with_snapshot = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        engine.recovery_report().orders == recovered.orders,
+        "snapshot recovery lost orders"
+    );
+    engine.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "[recovery] {} cards + {} orders: journal replay {:.2} s, from snapshots {:.2} s",
+        recovered.cards, recovered.orders, journal_only, with_snapshot
+    );
+    Ok(RecoveryReport {
+        cards: recovered.cards,
+        orders: recovered.orders,
+        journal_only_seconds: journal_only,
+        snapshot_seconds: with_snapshot,
+    })
+}
+
+async fn run_async(args: EngineArgs) -> Result<()> {
+    let temp;
+    let root = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary folder")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let max = Duration::from_secs(args.max_secs);
+    let mut phases = Vec::new();
+    phases.push(phase(&args, &root, "spread", args.skus, args.cards, None, max).await?);
+    phases.push(phase(&args, &root, "hot", 1, args.cards, None, max).await?);
+    let baseline = phase(
+        &args,
+        &root,
+        "hot-fsync-per-request",
+        1,
+        args.cards,
+        Some(1),
+        Duration::from_secs(args.baseline_secs),
+    )
+    .await?;
+    let gain = phases[1].reservations_per_sec / baseline.reservations_per_sec.max(1.0);
+    phases.push(baseline);
+    let recovery = if args.recovery_cards > 0 {
+        Some(
+            recovery(
+                &root,
+                args.recovery_cards,
+                args.recovery_orders,
+                args.concurrency,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        durability: "fsync (WriteBatch sync=true) before every acknowledgement",
+        phases,
+        group_commit_gain: gain,
+        recovery,
+    };
+    print_table(&report);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        if path == "-" {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn print_table(report: &Report) {
+    println!("keydrop-load engine — {}", report.durability);
+    println!(
+        "{:<24} {:>6} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
+        "phase", "skus", "cards", "reserved", "per second", "p50", "p99", "p99.9"
+    );
+    for p in &report.phases {
+        println!(
+            "{:<24} {:>6} {:>9} {:>10} {:>12.0} {:>9} {:>9} {:>9}",
+            p.name,
+            p.skus,
+            p.cards,
+            p.reserved,
+            p.reservations_per_sec,
+            format_us(p.latency.p50_us),
+            format_us(p.latency.p99_us),
+            format_us(p.latency.p999_us)
+        );
+    }
+    println!(
+        "group commit vs one fsync per request (hot SKU): {:.1}x",
+        report.group_commit_gain
+    );
+    if let Some(r) = &report.recovery {
+        println!(
+            "recovery of {} cards + {} orders: {:.2} s replaying the journal, {:.2} s from snapshots",
+            r.cards, r.orders, r.journal_only_seconds, r.snapshot_seconds
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! `keydrop-load`: the flash-sale load harness. Every figure keydrop publishes comes
+//! from here, printed next to a baseline measured in the same invocation.
+
+mod engine_bench;
+mod stats;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "keydrop-load",
+    version,
+    about = "Flash-sale load harness for keydrop"
+)]
+struct Cli {
+    #[command(subcommand)]
+    target: Target,
+}
+
+#[derive(Subcommand)]
+enum Target {
+    /// In-process against keydrop-engine with a durable (fsync'd) journal: a drop
+    /// spread over many SKUs, one hot SKU, the same hot SKU with one fsync per
+    /// request (the baseline group commit is measured against), and recovery time.
+    Engine(engine_bench::EngineArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.target {
+        Target::Engine(args) => engine_bench::run(args),
+    }
+}
