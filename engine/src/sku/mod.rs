@@ -829,6 +829,16 @@ impl Sku {
             .iter()
             .filter(|c| c.state == CardState::Available)
             .count();
+        let mut queued = std::collections::HashSet::with_capacity(self.available.len());
+        for &index in &self.available {
+            let in_stock = self
+                .cards
+                .get(index as usize)
+                .is_some_and(|c| c.state == CardState::Available);
+            if !in_stock || !queued.insert(index) {
+                return Err(format!("stock queue holds card {index} wrongly"));
+            }
+        }
         if available_cards != self.available.len() {
             return Err("stock queue and card states disagree".into());
         }
