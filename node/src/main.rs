@@ -1,1 +1,81 @@
-fn main() {}
+//! `keydrop`: the node (`keydrop serve`) and the operator's tools (`keydrop sku …`,
+//! `keydrop order …`), in one binary.
+//!
+//! Layout: [`cli`] is the command line; [`config`] and [`secrets`] what a node
+//! starts from; [`server`] binds, recovers and drains; [`api`] the HTTP routes, one
+//! file per group, with the one error type in `api/error.rs`; [`admission`] the
+//! token buckets; [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
+//! [`client`] the operator commands. This file only parses and wires.
+
+mod admission;
+mod api;
+mod cli;
+mod client;
+mod config;
+mod metrics;
+mod secrets;
+mod server;
+mod signature;
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, LogFormat};
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(config.as_deref())?;
+            init_logging(&config.log, config.log_format)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = shutdown_signal()?;
+                server::run(config, shutdown).await
+            })
+        }
+        Command::Sku(command) => {
+            init_logging("warn", LogFormat::Text)?;
+            client::run_sku(command)
+        }
+        Command::Order(command) => {
+            init_logging("warn", LogFormat::Text)?;
+            client::run_order(command)
+        }
+    }
+}
+
+/// Logs go to stderr: stdout carries the `listening on` line and `--json` output.
+fn init_logging(filter: &str, format: LogFormat) -> Result<()> {
+    let filter = EnvFilter::try_new(filter).with_context(|| format!("log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+/// A future that resolves on the first SIGTERM or SIGINT. The handlers are
+/// installed now, so a signal that arrives during start-up is not lost.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}

@@ -1,0 +1,279 @@
+//! Admission at the edge: keyed token buckets (governor's GCRA) per user, per client
+//! IP and, optionally, per device, checked before a request costs the engine anything.
+//!
+//! Memory stays bounded however many distinct buyers arrive: a bucket that has
+//! refilled is indistinguishable from a fresh one, so [`Admission::evict_idle`]
+//! (run every [`EVICT_INTERVAL`]) drops it and shrinks the maps. What remains is the
+//! buckets of clients seen within about `burst / rate` seconds. User and device ids
+//! are stored as 64-bit keyed hashes rather than strings: a few bytes per bucket
+//! instead of up to 128, and the per-process random key (SipHash) keeps anyone from
+//! crafting ids that collide into one bucket.
+//!
+//! The client IP is the socket peer, or the right-most address of `X-Forwarded-For`
+//! that is not itself a trusted proxy, only when the peer is a configured trusted
+//! proxy: anyone else could write any address there.
+
+use std::hash::BuildHasher;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use keydrop_engine::{DeviceId, UserId};
+
+use crate::config::Config;
+
+/// How often idle buckets are dropped.
+pub const EVICT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Longest `X-Forwarded-For` chain we walk; longer ones are treated as absent.
+const FORWARDED_HOPS_MAX: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    User,
+    Ip,
+    Device,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::User => "user",
+            Scope::Ip => "ip",
+            Scope::Device => "device",
+        }
+    }
+}
+
+/// A request over its budget, and when the bucket has a token again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejected {
+    pub scope: Scope,
+    pub retry_after: Duration,
+}
+
+struct Limiter<K: std::hash::Hash + Eq + Clone> {
+    scope: Scope,
+    buckets: DefaultKeyedRateLimiter<K>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
+    /// `None` when the rate is 0 (off).
+    fn new(scope: Scope, rate: u32, burst: u32) -> Option<Self> {
+        let rate = NonZeroU32::new(rate)?;
+        let burst = NonZeroU32::new(burst).unwrap_or(rate);
+        let quota = Quota::per_second(rate).allow_burst(burst);
+        Some(Limiter {
+            scope,
+            buckets: DefaultKeyedRateLimiter::dashmap(quota),
+        })
+    }
+
+    fn check(&self, key: &K) -> Result<(), Rejected> {
+        self.buckets.check_key(key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.buckets.clock().now());
+            Rejected {
+                scope: self.scope,
+                retry_after: wait,
+            }
+        })
+    }
+
+    fn evict_idle(&self) {
+        self.buckets.retain_recent();
+        self.buckets.shrink_to_fit();
+    }
+}
+
+pub struct Admission {
+    per_user: Option<Limiter<u64>>,
+    per_ip: Option<Limiter<IpAddr>>,
+    per_device: Option<Limiter<u64>>,
+    trusted_proxies: Vec<IpAddr>,
+    hasher: std::hash::RandomState,
+}
+
+impl Admission {
+    pub fn new(config: &Config) -> Self {
+        Admission {
+            per_user: Limiter::new(Scope::User, config.rate_per_user, config.burst_per_user),
+            per_ip: Limiter::new(Scope::Ip, config.rate_per_ip, config.burst_per_ip),
+            per_device: Limiter::new(
+                Scope::Device,
+                config.rate_per_device,
+                config.burst_per_device,
+            ),
+            trusted_proxies: config.trusted_proxies.clone(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Rejected> {
+        self.per_ip.as_ref().map_or(Ok(()), |l| l.check(&ip))
+    }
+
+    pub fn check_user(&self, user: &UserId) -> Result<(), Rejected> {
+        let key = self.hasher.hash_one(user.as_str());
+        self.per_user.as_ref().map_or(Ok(()), |l| l.check(&key))
+    }
+
+    pub fn check_device(&self, device: &DeviceId) -> Result<(), Rejected> {
+        let key = self.hasher.hash_one(device.as_str());
+        self.per_device.as_ref().map_or(Ok(()), |l| l.check(&key))
+    }
+
+    /// The address to account a request to (see the module doc).
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.ip().to_canonical();
+        if !self.trusted_proxies.contains(&peer) {
+            return peer;
+        }
+        let mut hops: Vec<IpAddr> = Vec::new();
+        for value in headers.get_all("x-forwarded-for") {
+            let Ok(value) = value.to_str() else {
+                return peer;
+            };
+            for hop in value.split(',') {
+                let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                    return peer;
+                };
+                hops.push(ip.to_canonical());
+                if hops.len() > FORWARDED_HOPS_MAX {
+                    return peer;
+                }
+            }
+        }
+        hops.into_iter()
+            .rev()
+            .find(|ip| !self.trusted_proxies.contains(ip))
+            .unwrap_or(peer)
+    }
+
+    /// Drops buckets that have refilled, and the memory they held.
+    pub fn evict_idle(&self) {
+        if let Some(l) = &self.per_user {
+            l.evict_idle();
+        }
+        if let Some(l) = &self.per_ip {
+            l.evict_idle();
+        }
+        if let Some(l) = &self.per_device {
+            l.evict_idle();
+        }
+    }
+
+    /// Live buckets per scope, for the `keydrop_admission_buckets` gauge.
+    pub fn bucket_counts(&self) -> [(Scope, usize); 3] {
+        [
+            (
+                Scope::User,
+                self.per_user.as_ref().map_or(0, |l| l.buckets.len()),
+            ),
+            (
+                Scope::Ip,
+                self.per_ip.as_ref().map_or(0, |l| l.buckets.len()),
+            ),
+            (
+                Scope::Device,
+                self.per_device.as_ref().map_or(0, |l| l.buckets.len()),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(config: Config) -> Admission {
+        Admission::new(&config)
+    }
+
+    #[test]
+    fn user_bucket_allows_burst_then_refuses_with_a_wait() {
+        let a = admission(Config {
+            rate_per_user: 1,
+            burst_per_user: 3,
+            ..Config::default()
+        });
+        let user = UserId::parse("u1").unwrap();
+        for _ in 0..3 {
+            assert_eq!(a.check_user(&user), Ok(()));
+        }
+        let rejected = a.check_user(&user).unwrap_err();
+        assert_eq!(rejected.scope, Scope::User);
+        assert!(rejected.retry_after > Duration::ZERO);
+        assert!(rejected.retry_after <= Duration::from_secs(1));
+        // Another user has their own bucket.
+        assert_eq!(a.check_user(&UserId::parse("u2").unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn zero_rate_is_off() {
+        let a = admission(Config {
+            rate_per_ip: 0,
+            ..Config::default()
+        });
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        for _ in 0..10_000 {
+            assert_eq!(a.check_ip(ip), Ok(()));
+        }
+        let device = DeviceId::parse("d").unwrap();
+        assert_eq!(a.check_device(&device), Ok(()));
+    }
+
+    #[test]
+    fn idle_buckets_are_evicted() {
+        let a = admission(Config {
+            rate_per_user: 1_000,
+            burst_per_user: 1,
+            ..Config::default()
+        });
+        for i in 0..10_000 {
+            a.check_user(&UserId::parse(format!("user-{i}")).unwrap())
+                .unwrap();
+        }
+        assert_eq!(a.bucket_counts()[0].1, 10_000);
+        // A bucket of burst 1 at 1000/s is full again after 1 ms.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            a.evict_idle();
+            if a.bucket_counts()[0].1 == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "buckets never evicted"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = admission(Config {
+            trusted_proxies: vec![proxy, "10.0.0.2".parse().unwrap()],
+            ..Config::default()
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 1.2.3.4, 10.0.0.2".parse().unwrap(),
+        );
+        let from_proxy = SocketAddr::new(proxy, 1234);
+        let from_client = SocketAddr::new("5.5.5.5".parse().unwrap(), 1234);
+        // The right-most untrusted hop: 6.6.6.6 was written by the client itself.
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(a.client_ip(from_client, &headers), from_client.ip());
+        headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(a.client_ip(from_proxy, &headers), proxy);
+        assert_eq!(a.client_ip(from_proxy, &HeaderMap::new()), proxy);
+    }
+}

@@ -1,0 +1,190 @@
+//! Request pieces parsed once, at the edge, into the engine's types, with every
+//! failure answered by an [`ApiError`] (axum's own rejections are plain text).
+
+use std::future::poll_fn;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{ConnectInfo, FromRequestParts, Path};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use keydrop_engine::{OrderId, SkuId};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// A request body read frame by frame, refusing to go past `limit_bytes`.
+pub struct LimitedBody {
+    body: Body,
+    limit_bytes: usize,
+    read_bytes: usize,
+}
+
+impl LimitedBody {
+    /// Refuses at once when the declared `Content-Length` is over the limit.
+    pub fn new(headers: &HeaderMap, body: Body, limit_bytes: usize) -> Result<Self, ApiError> {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit_bytes as u64) {
+            return Err(ApiError::PayloadTooLarge { limit_bytes });
+        }
+        Ok(LimitedBody {
+            body,
+            limit_bytes,
+            read_bytes: 0,
+        })
+    }
+
+    /// The next chunk of data, `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
+        loop {
+            let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            let Some(frame) = frame else { return Ok(None) };
+            let frame =
+                frame.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
+            // Trailers carry no data; skip them.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            self.read_bytes += data.len();
+            if self.read_bytes > self.limit_bytes {
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: self.limit_bytes,
+                });
+            }
+            return Ok(Some(data));
+        }
+    }
+
+    /// The whole body, up to the limit.
+    pub async fn collect(mut self) -> Result<Bytes, ApiError> {
+        let Some(first) = self.next_chunk().await? else {
+            return Ok(Bytes::new());
+        };
+        // Small bodies arrive in one frame: keep it without copying.
+        let Some(second) = self.next_chunk().await? else {
+            return Ok(first);
+        };
+        let mut all = Vec::with_capacity(first.len() + second.len());
+        all.extend_from_slice(&first);
+        all.extend_from_slice(&second);
+        while let Some(chunk) = self.next_chunk().await? {
+            all.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(all))
+    }
+}
+
+/// Reads the whole body (up to `limit_bytes`).
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit_bytes: usize,
+) -> Result<Bytes, ApiError> {
+    LimitedBody::new(headers, body, limit_bytes)?
+        .collect()
+        .await
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))
+}
+
+/// An optional header as UTF-8 text; present but not text is a client mistake.
+pub fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::invalid(format!("header {name} must be visible ASCII"))),
+    }
+}
+
+async fn path_param<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<String, ApiError> {
+    Path::<String>::from_request_parts(parts, state)
+        .await
+        .map(|Path(value)| value)
+        .map_err(|rejection| ApiError::invalid(rejection.body_text()))
+}
+
+/// The `{sku}` path segment; an invalid id is a 400.
+pub struct SkuPath(pub SkuId);
+
+impl<S: Send + Sync> FromRequestParts<S> for SkuPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let raw = path_param(parts, state).await?;
+        SkuId::parse(raw).map(SkuPath).map_err(ApiError::invalid)
+    }
+}
+
+/// The `{order_id}` path segment. A malformed id is answered like an unknown one
+/// (404), so probing tells nothing about the id format beyond what is public.
+pub struct OrderPath(pub OrderId);
+
+impl<S: Send + Sync> FromRequestParts<S> for OrderPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let raw = path_param(parts, state)
+            .await
+            .map_err(|_| ApiError::OrderNotFound)?;
+        raw.parse()
+            .map(OrderPath)
+            .map_err(|_| ApiError::OrderNotFound)
+    }
+}
+
+/// Proof that the request carried the admin bearer token.
+pub struct Admin;
+
+/// Digest of a token, so that comparing two takes the same time whatever their
+/// lengths and contents.
+pub fn token_digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        let presented = token_digest(presented.trim_ascii());
+        if bool::from(presented.ct_eq(&state.admin_token_digest)) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// The client's IP as admission accounts it (see [`crate::admission`]).
+pub struct ClientIp(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| *addr)
+            .ok_or_else(|| {
+                ApiError::Internal("the server was started without peer addresses".into())
+            })?;
+        Ok(ClientIp(state.admission.client_ip(peer, &parts.headers)))
+    }
+}

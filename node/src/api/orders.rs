@@ -1,0 +1,210 @@
+//! Order routes: `POST /v1/skus/{sku}/orders` (reserve a card), `GET` and `DELETE
+//! /v1/orders/{order_id}`.
+//!
+//! A reservation passes, in order: the per-IP bucket (before the body is read, so a
+//! flood costs little), body and header parsing, the per-device and per-user buckets,
+//! sold-out shedding (no trip to the actor), and only then the SKU's actor, which
+//! answers once the reservation is durable.
+//!
+//! Order lookups and cancellations are rate-limited per IP like orders: the order id
+//! is the buyer's capability to see the card, so it must not be guessable by brute
+//! force.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keydrop_engine::{
+    DeviceId, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation, UserId,
+};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::{header_text, parse_json, read_body, ClientIp, OrderPath, SkuPath};
+use super::{rfc3339, AppState};
+use crate::admission::Rejected;
+use crate::metrics::{ADMISSION_REJECTED, ORDERS, ORDERS_SHED};
+
+/// An order body is `{"user_id": "<≤ 128 bytes>"}`; 16 KiB is generous.
+pub const ORDER_BODY_BYTES_MAX: usize = 16 * 1024;
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const DEVICE_ID: &str = "x-device-id";
+
+#[derive(Deserialize)]
+struct OrderBody {
+    user_id: String,
+}
+
+#[derive(Serialize)]
+pub struct ReservedJson {
+    order_id: String,
+    sku: String,
+    status: &'static str,
+    price_cents: u64,
+    expires_at: String,
+}
+
+#[derive(Serialize)]
+pub struct CardJson {
+    serial: String,
+    secret: String,
+}
+
+#[derive(Serialize)]
+pub struct OrderJson {
+    order_id: String,
+    sku: String,
+    status: &'static str,
+    expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    card: Option<CardJson>,
+}
+
+/// Counts a token-bucket refusal and turns it into the 429.
+pub fn rate_limited(rejected: Rejected) -> ApiError {
+    metrics::counter!(ADMISSION_REJECTED, "scope" => rejected.scope.as_str()).increment(1);
+    ApiError::RateLimited(rejected)
+}
+
+pub async fn create_order(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    sku: Result<SkuPath, ApiError>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let outcome = reserve(&state, ip, sku, &headers, body).await;
+    let label = match &outcome {
+        Ok(view) if view.replayed => "replayed",
+        Ok(_) => "reserved",
+        Err(error) => error.code(),
+    };
+    metrics::counter!(ORDERS, "outcome" => label).increment(1);
+    match outcome {
+        Ok(view) => {
+            let replayed = view.replayed;
+            // A replay answers with the original 201 body: the order as it was
+            // reserved, whatever happened to it since.
+            let body = ReservedJson {
+                order_id: view.order_id.to_string(),
+                sku: view.sku.to_string(),
+                status: "reserved",
+                price_cents: view.price_cents,
+                expires_at: rfc3339(view.expires_at),
+            };
+            let mut response = (StatusCode::CREATED, Json(body)).into_response();
+            if replayed {
+                response
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            response
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn reserve(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    sku: Result<SkuPath, ApiError>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<OrderView, ApiError> {
+    let engine = state.engine()?;
+    state.admission.check_ip(ip).map_err(rate_limited)?;
+    let SkuPath(sku) = sku?;
+    let body = read_body(headers, body, ORDER_BODY_BYTES_MAX).await?;
+    let OrderBody { user_id } = parse_json(&body)?;
+    let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(format!("user_id: {e}")))?;
+    let device = header_text(headers, DEVICE_ID)?
+        .map(DeviceId::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("X-Device-Id: {e}")))?;
+    let key = header_text(headers, IDEMPOTENCY_KEY)?
+        .map(IdempotencyKey::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("Idempotency-Key: {e}")))?;
+    if let Some(device) = &device {
+        state.admission.check_device(device).map_err(rate_limited)?;
+    }
+    state.admission.check_user(&user).map_err(rate_limited)?;
+    // Shed orders for a sold-out SKU here, without a trip to its actor. A request
+    // with an Idempotency-Key goes through: it may be the retry of an order that
+    // got a card, and must get its original answer back.
+    match engine.available_hint(&sku) {
+        None => return Err(ApiError::SkuNotFound),
+        Some(0) if key.is_none() => {
+            metrics::counter!(ORDERS_SHED).increment(1);
+            return Err(ApiError::SoldOut);
+        }
+        Some(_) => {}
+    }
+    let idempotency = key.map(|key| {
+        let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
+        (key, RequestFingerprint::of(&[&body, device_bytes]))
+    });
+    let view = engine
+        .reserve(
+            &sku,
+            Reservation {
+                user,
+                device,
+                idempotency,
+            },
+        )
+        .await?;
+    Ok(view)
+}
+
+fn admitted_order(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    order: Result<OrderPath, ApiError>,
+) -> Result<OrderId, ApiError> {
+    state.admission.check_ip(ip).map_err(rate_limited)?;
+    let OrderPath(order_id) = order?;
+    Ok(order_id)
+}
+
+pub async fn get_order(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    order: Result<OrderPath, ApiError>,
+) -> Result<Json<OrderJson>, ApiError> {
+    let engine = state.engine()?;
+    let order_id = admitted_order(&state, ip, order)?;
+    let details = engine.order(&order_id).await?;
+    let view = details.view;
+    Ok(Json(OrderJson {
+        order_id: view.order_id.to_string(),
+        sku: view.sku.to_string(),
+        status: view.status.as_str(),
+        expires_at: rfc3339(view.expires_at),
+        card: details.card.map(|(serial, secret)| CardJson {
+            serial: serial.to_string(),
+            secret: secret.expose().to_owned(),
+        }),
+    }))
+}
+
+#[derive(Serialize)]
+pub struct CancelledJson {
+    status: &'static str,
+}
+
+pub async fn cancel_order(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    order: Result<OrderPath, ApiError>,
+) -> Result<Json<CancelledJson>, ApiError> {
+    let engine = state.engine()?;
+    let order_id = admitted_order(&state, ip, order)?;
+    let view = engine.cancel(&order_id).await?;
+    tracing::debug!(order = %view.order_id, "order cancelled");
+    Ok(Json(CancelledJson {
+        status: view.status.as_str(),
+    }))
+}

@@ -1,0 +1,79 @@
+//! `POST /v1/orders/{order_id}/payment`: the payment provider's callback.
+//!
+//! The signature is checked first, over the raw body, before anything in the
+//! request is believed (see [`crate::signature`]). Payment callbacks are not
+//! rate-limited per IP: a provider sends all of a drop's payments from a few
+//! addresses, and throttling them would expire paid reservations.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use keydrop_engine::{EngineError, PaymentRef, SkuError};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::{parse_json, read_body, OrderPath};
+use super::AppState;
+use crate::metrics::{LATE_PAYMENTS, PAYMENTS};
+use crate::signature;
+
+const PAYMENT_BODY_BYTES_MAX: usize = 16 * 1024;
+pub const SIGNATURE_HEADER: &str = "x-keydrop-signature";
+
+#[derive(Deserialize)]
+struct PaymentBody {
+    payment_ref: String,
+    amount_cents: u64,
+}
+
+#[derive(Serialize)]
+pub struct PaidJson {
+    order_id: String,
+    status: &'static str,
+}
+
+pub async fn confirm_payment(
+    State(state): State<AppState>,
+    order: Result<OrderPath, ApiError>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<PaidJson>, ApiError> {
+    let engine = state.engine()?;
+    let body = read_body(&headers, body, PAYMENT_BODY_BYTES_MAX).await?;
+    let now_secs = i64::try_from(engine.now().as_millis() / 1000).unwrap_or(i64::MAX);
+    let presented = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
+    if let Err(reason) = signature::verify(&state.payment_secret, presented, &body, now_secs) {
+        tracing::info!(%reason, "payment callback refused");
+        metrics::counter!(PAYMENTS, "outcome" => "bad_signature").increment(1);
+        return Err(ApiError::BadSignature);
+    }
+    let OrderPath(order_id) = order?;
+    let PaymentBody {
+        payment_ref,
+        amount_cents,
+    } = parse_json(&body)?;
+    let payment_ref = PaymentRef::parse(payment_ref)
+        .map_err(|e| ApiError::invalid(format!("payment_ref: {e}")))?;
+    let outcome = engine
+        .confirm_payment(&order_id, payment_ref.clone(), amount_cents)
+        .await;
+    let label = match &outcome {
+        Ok(_) => "paid",
+        Err(EngineError::Sku(SkuError::ReservationExpired)) => {
+            metrics::counter!(LATE_PAYMENTS).increment(1);
+            tracing::warn!(order = %order_id, payment_ref = %payment_ref, amount_cents, "late payment refused; it is listed for refund");
+            "reservation_expired"
+        }
+        Err(EngineError::Sku(SkuError::AmountMismatch { .. })) => "amount_mismatch",
+        Err(EngineError::Sku(SkuError::AlreadyPaid)) => "already_paid",
+        Err(EngineError::Sku(SkuError::OrderNotFound)) => "order_not_found",
+        Err(_) => "error",
+    };
+    metrics::counter!(PAYMENTS, "outcome" => label).increment(1);
+    let view = outcome?;
+    Ok(Json(PaidJson {
+        order_id: view.order_id.to_string(),
+        status: view.status.as_str(),
+    }))
+}

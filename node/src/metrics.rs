@@ -1,0 +1,205 @@
+//! Prometheus metrics: installs the recorder once per process, describes every
+//! metric the node and the engine record (so each has HELP text and real histogram
+//! buckets), and renders the text format for `GET /metrics`.
+//!
+//! Per-SKU stock gauges are not pushed on every order: they are refreshed from the
+//! engine's published counters when scraped (and by a ticker, so the low-stock log
+//! line appears without a scraper).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{Context, Result};
+use keydrop_engine::{Engine, SkuId};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::admission::Admission;
+
+pub const HTTP_REQUESTS: &str = "keydrop_http_requests_total";
+pub const HTTP_DURATION: &str = "keydrop_http_request_duration_seconds";
+pub const ORDERS: &str = "keydrop_orders_total";
+pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
+pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
+pub const ADMISSION_BUCKETS: &str = "keydrop_admission_buckets";
+pub const PAYMENTS: &str = "keydrop_payments_total";
+pub const LATE_PAYMENTS: &str = "keydrop_late_payments_total";
+pub const CARDS_IMPORTED: &str = "keydrop_cards_imported_total";
+pub const SKU_CARDS: &str = "keydrop_sku_cards";
+pub const SKU_LOW_STOCK: &str = "keydrop_sku_low_stock";
+pub const READY: &str = "keydrop_ready";
+
+/// Request latency: a reservation answers after an fsync (a few hundred µs to a
+/// few ms), so the fine buckets sit there; the coarse ones catch stalls.
+const HTTP_DURATION_BUCKETS: &[f64] = &[
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const FSYNC_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// Requests per journal batch, up to the engine's `JOURNAL_BATCH_REQUESTS_MAX` (4096).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder (first call) and returns its handle.
+pub fn install() -> Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(HTTP_DURATION.to_owned()),
+            HTTP_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("keydrop_journal_fsync_seconds".to_owned()),
+            FSYNC_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("keydrop_journal_batch_requests".to_owned()),
+            BATCH_BUCKETS,
+        )?
+        .install_recorder()
+        .context("installing the Prometheus recorder")?;
+    describe();
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route template and status code."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Time from request to response head, by route template."
+    );
+    describe_counter!(
+        ORDERS,
+        "Order requests by outcome: reserved, replayed, or the error code answered."
+    );
+    describe_counter!(
+        ORDERS_SHED,
+        "Orders answered sold_out at the edge, without a trip to the SKU actor."
+    );
+    describe_counter!(
+        ADMISSION_REJECTED,
+        "Requests refused by a token bucket (429), by scope: user, ip or device."
+    );
+    describe_gauge!(
+        ADMISSION_BUCKETS,
+        "Live token buckets by scope; idle ones are evicted."
+    );
+    describe_counter!(
+        PAYMENTS,
+        "Payment callbacks with a valid signature, by outcome."
+    );
+    describe_counter!(
+        LATE_PAYMENTS,
+        "Payment callbacks refused because the reservation had expired or was cancelled; each is money to refund."
+    );
+    describe_counter!(CARDS_IMPORTED, "Cards imported through the admin API.");
+    describe_gauge!(
+        SKU_CARDS,
+        "Cards of a SKU by state: available, reserved or sold."
+    );
+    describe_gauge!(
+        SKU_LOW_STOCK,
+        "1 when a SKU's available stock is at or below its low_stock_threshold (> 0)."
+    );
+    describe_gauge!(
+        READY,
+        "1 once the engine has recovered and the node serves."
+    );
+    // The engine's own metrics.
+    describe_histogram!(
+        "keydrop_journal_fsync_seconds",
+        Unit::Seconds,
+        "Duration of one synced journal WriteBatch."
+    );
+    describe_histogram!(
+        "keydrop_journal_batch_requests",
+        Unit::Count,
+        "Requests carried by one journal WriteBatch (group commit)."
+    );
+    describe_gauge!(
+        "keydrop_journal_queue_depth",
+        "Journal writes waiting for the writer thread."
+    );
+    describe_counter!(
+        "keydrop_journal_write_failures_total",
+        "Journal batches that failed to write; their requests were refused."
+    );
+    describe_counter!(
+        "keydrop_engine_overloaded_total",
+        "Commands refused because a bounded queue was full, by queue: mailbox or journal."
+    );
+    describe_counter!(
+        "keydrop_reservations_expired_total",
+        "Reservations that expired unpaid; their cards went back to stock."
+    );
+    describe_counter!(
+        "keydrop_cards_revealed_total",
+        "Card secrets opened for paid orders."
+    );
+}
+
+/// Per-SKU gauges and the low-stock state, which logs when it flips.
+#[derive(Default)]
+pub struct SkuGauges {
+    /// Last low-stock state per SKU. A std `Mutex`: held for a few map operations
+    /// with no `.await` inside, so it never blocks a worker for long.
+    low: Mutex<HashMap<SkuId, bool>>,
+}
+
+impl SkuGauges {
+    pub fn refresh(&self, engine: &Engine) {
+        let views = engine.skus();
+        let mut low_by_sku = self
+            .low
+            .lock()
+            .expect("no panic while holding the low-stock lock");
+        for view in views {
+            let sku = view.sku.as_str().to_owned();
+            let counts = view.counts;
+            for (state, value) in [
+                ("available", counts.available),
+                ("reserved", counts.reserved),
+                ("sold", counts.sold),
+            ] {
+                metrics::gauge!(SKU_CARDS, "sku" => sku.clone(), "state" => state)
+                    .set(value as f64);
+            }
+            let threshold = view.def.low_stock_threshold;
+            let low = threshold > 0 && counts.available <= threshold;
+            metrics::gauge!(SKU_LOW_STOCK, "sku" => sku).set(if low { 1.0 } else { 0.0 });
+            let was_low = low_by_sku.insert(view.sku.clone(), low).unwrap_or(false);
+            if low && !was_low {
+                tracing::warn!(sku = %view.sku, available = counts.available, threshold, "low stock");
+            } else if !low && was_low {
+                tracing::info!(sku = %view.sku, available = counts.available, threshold, "stock no longer low");
+            }
+        }
+    }
+}
+
+/// The text exposition for `GET /metrics`.
+pub fn render(
+    handle: &PrometheusHandle,
+    engine: Option<&Engine>,
+    gauges: &SkuGauges,
+    admission: &Admission,
+) -> String {
+    if let Some(engine) = engine {
+        gauges.refresh(engine);
+    }
+    for (scope, count) in admission.bucket_counts() {
+        metrics::gauge!(ADMISSION_BUCKETS, "scope" => scope.as_str()).set(count as f64);
+    }
+    metrics::gauge!(READY).set(if engine.is_some() { 1.0 } else { 0.0 });
+    handle.render()
+}

@@ -1,0 +1,135 @@
+//! `keydrop serve`: binds, serves, recovers the engine, and drains on shutdown.
+//!
+//! The listener is bound first and `/healthz` answers at once; `/readyz` turns 200
+//! only once the journal is recovered, and until then every route that needs the
+//! engine answers 503 `unavailable`. The shutdown future (SIGTERM/SIGINT in the
+//! binary, anything in tests) stops new connections, lets in-flight requests finish
+//! (up to `shutdown_grace_secs`), then shuts the engine down, which snapshots every
+//! SKU and closes the journal once everything is on disk.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use keydrop_engine::{Engine, EngineConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admission::{Admission, EVICT_INTERVAL};
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::{metrics, secrets};
+
+/// How often the Prometheus recorder drains histograms and SKU gauges refresh (so
+/// the low-stock log line appears even with nobody scraping).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    tracing::info!(config = %config.redacted(), "effective configuration");
+    let metrics_handle = metrics::install()?;
+    let secrets = secrets::load(&config)?;
+    let state = AppState::new(
+        Admission::new(&config),
+        &secrets.admin_token,
+        secrets.payment_secret,
+        metrics_handle.clone(),
+    );
+
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    // The one line on stdout: scripts and tests read the bound port from it.
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on http://{addr}")?;
+        stdout.flush()?;
+    }
+    tracing::info!(%addr, "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_on_signal = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining in-flight requests");
+        let _ = stop_on_signal.send(true);
+    });
+
+    let app = api::router(state.clone());
+    let mut serve_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = serve_stop.wait_for(|stop| *stop).await;
+        })
+        .await
+    });
+
+    // Recover while /healthz already answers.
+    let db_dir = config.db_dir();
+    std::fs::create_dir_all(&db_dir).with_context(|| format!("creating {}", db_dir.display()))?;
+    let engine = match Engine::open(EngineConfig::new(&db_dir, secrets.keys)).await {
+        Ok(engine) => engine,
+        Err(error) => {
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return Err(error).with_context(|| format!("recovering {}", db_dir.display()));
+        }
+    };
+    state.set_engine(engine.clone());
+    tracing::info!("ready");
+    spawn_upkeep(state.clone(), stop_rx.clone());
+
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let mut grace_stop = stop_rx.clone();
+    tokio::select! {
+        served = server => {
+            served.context("server task")?.context("serving HTTP")?;
+        }
+        _ = async {
+            let _ = grace_stop.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_secs = config.shutdown_grace_secs, "in-flight requests did not finish in time; stopping anyway");
+        }
+    }
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Background upkeep: evicts idle admission buckets, drains histograms, refreshes
+/// SKU gauges. Stops with the server.
+fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut evict = tokio::time::interval(EVICT_INTERVAL);
+        let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
+        evict.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = async { drop(stop.wait_for(|stop| *stop).await) } => return,
+                _ = evict.tick() => {
+                    // Sweeping millions of buckets takes a while: keep it off the
+                    // workers that answer buyers.
+                    let state = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || state.admission.evict_idle()).await;
+                }
+                _ = upkeep.tick() => {
+                    state.metrics.run_upkeep();
+                    if let Some(engine) = state.engine_if_ready() {
+                        state.sku_gauges.refresh(engine);
+                    }
+                }
+            }
+        }
+    });
+}
