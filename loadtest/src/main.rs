@@ -1,8 +1,17 @@
 //! `keydrop-load`: the flash-sale load harness. Every figure keydrop publishes comes
 //! from here, printed next to a baseline measured in the same invocation.
 
+mod audit;
+mod charts;
+mod driver;
+mod drop_cmd;
 mod engine_bench;
+mod model;
+mod report;
+mod schedule;
+mod servers;
 mod stats;
+mod target;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +33,10 @@ enum Target {
     /// spread over many SKUs, one hot SKU, the same hot SKU with one fsync per
     /// request (the baseline group commit is measured against), and recovery time.
     Engine(engine_bench::EngineArgs),
+    /// A flash-sale drop against one or more targets (engine, http, redis-direct,
+    /// redis-http, postgres-direct), each audited afterwards; a failed audit exits
+    /// non-zero. Prints a table; --json and --charts write the report.
+    Drop(drop_cmd::DropArgs),
 }
 
 fn main() -> Result<()> {
@@ -36,5 +49,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.target {
         Target::Engine(args) => engine_bench::run(args),
+        Target::Drop(args) => drop_cmd::main(args),
     }
 }
