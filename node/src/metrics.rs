@@ -14,7 +14,7 @@ use keydrop_engine::{Engine, SkuId};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Scope};
 
 pub const HTTP_REQUESTS: &str = "keydrop_http_requests_total";
 pub const HTTP_DURATION: &str = "keydrop_http_request_duration_seconds";
@@ -65,6 +65,21 @@ pub fn install() -> Result<PrometheusHandle> {
         .install_recorder()
         .context("installing the Prometheus recorder")?;
     describe();
+    // Counters exist from the start at 0, so that rate() and increase() see a
+    // series before the first event rather than nothing.
+    for counter in [
+        ORDERS_SHED,
+        LATE_PAYMENTS,
+        CARDS_IMPORTED,
+        "keydrop_journal_write_failures_total",
+        "keydrop_reservations_expired_total",
+        "keydrop_cards_revealed_total",
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    for scope in [Scope::User, Scope::Ip, Scope::Device] {
+        metrics::counter!(ADMISSION_REJECTED, "scope" => scope.as_str()).increment(0);
+    }
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
