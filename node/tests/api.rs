@@ -1,0 +1,557 @@
+//! HTTP API v1 against a real `keydrop serve`: every route, status and error code of
+//! the contract, malformed input, and rate limiting.
+
+mod common;
+
+use common::{cards, on_sale, sign, unix_now, Node};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str) {
+    let (got_status, body) = answer;
+    assert_eq!(
+        (*got_status, body["error"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["message"].is_string(), "{body}");
+    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
+}
+
+#[tokio::test]
+async fn health_readiness_and_unknown_routes() {
+    let node = Node::start(&[]).await;
+    assert_eq!(
+        node.get("/healthz").await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    assert_eq!(
+        node.get("/readyz").await,
+        (StatusCode::OK, json!({"status": "ready"}))
+    );
+    let response = node.http.get(node.at("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert_error(&node.get("/nope").await, StatusCode::NOT_FOUND, "not_found");
+    assert_error(
+        &node.get("/v1/skus").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let patch = node.send(node.http.patch(node.at("/v1/skus/a"))).await;
+    assert_error(&patch, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn sku_routes() {
+    let node = Node::start(&[]).await;
+    let def = on_sale(500, 2, 60);
+    // Admin routes want the bearer token.
+    let anonymous = node
+        .send(node.http.put(node.at("/v1/skus/s1")).json(&def))
+        .await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+    let wrong = node
+        .send(
+            node.http
+                .put(node.at("/v1/skus/s1"))
+                .bearer_auth("not-the-token")
+                .json(&def),
+        )
+        .await;
+    assert_error(&wrong, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // Invalid id or field → 400.
+    assert_error(
+        &node.put_sku("bad%20id", def.clone()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    assert_error(
+        &node.put_sku(&"x".repeat(65), def.clone()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    for bad in [
+        json!({"name": "", "price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 60}),
+        json!({"name": "n", "price_cents": 1, "per_user_limit": 0, "reservation_ttl_secs": 60}),
+        json!({"name": "n", "price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 0}),
+        json!({"name": "n", "price_cents": -1, "per_user_limit": 1, "reservation_ttl_secs": 60}),
+        json!({"name": "n", "price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 60, "starts_at": "soon"}),
+        json!({"name": "n", "price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 60,
+               "starts_at": "2030-01-02T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z"}),
+        json!({"name": "n", "price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 60, "colour": "red"}),
+        json!({"price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 60}),
+    ] {
+        assert_error(
+            &node.put_sku("s1", bad).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    let malformed = node
+        .send(node.admin(Method::PUT, "/v1/skus/s1").body("{\"name\":"))
+        .await;
+    assert_error(&malformed, StatusCode::BAD_REQUEST, "invalid_request");
+
+    // Create (201), update (200).
+    let (status, view) = node.put_sku("s1", def.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(view["status"], "sold_out");
+    let mut updated = def.clone();
+    updated["starts_at"] = json!("2020-01-01T00:00:00+01:00");
+    updated["low_stock_threshold"] = json!(1);
+    let (status, view) = node.put_sku("s1", updated).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["starts_at"], "2019-12-31T23:00:00.000Z");
+    assert_eq!(view["low_stock_threshold"], 1);
+
+    // Import: JSON, then CSV; known serials count as duplicates.
+    assert_error(
+        &node.import("nope", &cards("c", 1)).await,
+        StatusCode::NOT_FOUND,
+        "sku_not_found",
+    );
+    let (status, body) = node.import("s1", &cards("c", 3)).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"imported": 3, "duplicates": 0}))
+    );
+    let csv = "serial,secret\nc-000000,dup\nd-1,secret one\n\nd-2,secret,with,commas\n";
+    let (status, body) = node
+        .send(
+            node.admin(Method::POST, "/v1/skus/s1/cards")
+                .header("content-type", "text/csv")
+                .body(csv),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"imported": 2, "duplicates": 1}))
+    );
+    let bad_csv = node
+        .send(
+            node.admin(Method::POST, "/v1/skus/s1/cards")
+                .header("content-type", "text/csv; charset=utf-8")
+                .body("e-1,x\ne-2,y\ne-3\n"),
+        )
+        .await;
+    assert_error(&bad_csv, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(
+        bad_csv.1["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 3:"),
+        "{}",
+        bad_csv.1
+    );
+    let bad_card = node.import("s1", &[("ok".into(), String::new())]).await;
+    assert_error(&bad_card, StatusCode::BAD_REQUEST, "invalid_request");
+    let xml = node
+        .send(
+            node.admin(Method::POST, "/v1/skus/s1/cards")
+                .header("content-type", "application/xml")
+                .body("<cards/>"),
+        )
+        .await;
+    assert_error(
+        &xml,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let no_token = node
+        .send(
+            node.http
+                .post(node.at("/v1/skus/s1/cards"))
+                .json(&json!({"cards": []})),
+        )
+        .await;
+    assert_error(&no_token, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // The public view has exactly the contract's fields (plus the sale's terms).
+    let (status, view) = node.get("/v1/skus/s1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        view,
+        json!({"sku": "s1", "name": "Test card", "price_cents": 500, "per_user_limit": 2,
+               "available": 5, "reserved": 0, "sold": 0, "status": "on_sale",
+               "reservation_ttl_secs": 60, "starts_at": "2019-12-31T23:00:00.000Z"})
+    );
+    assert_error(
+        &node.get("/v1/skus/unknown").await,
+        StatusCode::NOT_FOUND,
+        "sku_not_found",
+    );
+    assert_error(
+        &node.get("/v1/skus/bad%20id").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let (status, admin_view) = node
+        .send(node.admin(Method::GET, "/v1/admin/skus/s1"))
+        .await;
+    assert_eq!(
+        (status, admin_view["imported"].as_u64()),
+        (StatusCode::OK, Some(5))
+    );
+}
+
+#[tokio::test]
+async fn reservations_and_their_refusals() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.sku_with_cards("s1", on_sale(500, 1, 600), &cards("a", 3))
+        .await;
+
+    // 201 with the contract's fields.
+    let (status, order) = node.reserve("s1", "alice").await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let id = order["order_id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(id
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    assert_eq!(
+        (order["sku"].as_str(), order["status"].as_str()),
+        (Some("s1"), Some("reserved"))
+    );
+    assert_eq!(order["price_cents"], 500);
+    assert!(order["expires_at"].as_str().unwrap().ends_with('Z'));
+
+    // Per-user limit → 403.
+    assert_error(
+        &node.reserve("s1", "alice").await,
+        StatusCode::FORBIDDEN,
+        "purchase_limit",
+    );
+
+    // Idempotency: same key and body → the original 201 body; another body → 422.
+    let keyed = |user: &str, key: &str, device: Option<&str>| {
+        let mut request = node
+            .http
+            .post(node.at("/v1/skus/s1/orders"))
+            .header("idempotency-key", key)
+            .json(&json!({"user_id": user}));
+        if let Some(device) = device {
+            request = request.header("x-device-id", device);
+        }
+        request
+    };
+    let first = node.send(keyed("bob", "k-1", Some("dev-1"))).await;
+    assert_eq!(first.0, StatusCode::CREATED);
+    let again = node.send(keyed("bob", "k-1", Some("dev-1"))).await;
+    assert_eq!(again, first);
+    assert_error(
+        &node.send(keyed("carol", "k-1", Some("dev-1"))).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+    assert_error(
+        &node.send(keyed("bob", "k-1", Some("dev-2"))).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+
+    // Bad bodies and headers → 400; oversized → 413; unknown SKU → 404.
+    for body in [
+        "",
+        "{",
+        "[]",
+        "{\"user\":\"x\"}",
+        "{\"user_id\":\"\"}",
+        "{\"user_id\":42}",
+    ] {
+        let answer = node
+            .send(node.http.post(node.at("/v1/skus/s1/orders")).body(body))
+            .await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let long_user = json!({"user_id": "u".repeat(129)});
+    let answer = node
+        .send(
+            node.http
+                .post(node.at("/v1/skus/s1/orders"))
+                .json(&long_user),
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+    let answer = node
+        .send(
+            node.http
+                .post(node.at("/v1/skus/s1/orders"))
+                .header("idempotency-key", "k".repeat(129))
+                .json(&json!({"user_id": "x"})),
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+    let huge = format!(
+        "{{\"user_id\":\"x\",\"pad\":\"{}\"}}",
+        "p".repeat(17 * 1024)
+    );
+    let answer = node
+        .send(node.http.post(node.at("/v1/skus/s1/orders")).body(huge))
+        .await;
+    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert_error(
+        &node.reserve("nope", "x").await,
+        StatusCode::NOT_FOUND,
+        "sku_not_found",
+    );
+    assert_error(
+        &node.reserve("bad%20id", "x").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+
+    // Last card, then sold out: shed at the edge.
+    assert_eq!(node.reserve("s1", "dave").await.0, StatusCode::CREATED);
+    assert_error(
+        &node.reserve("s1", "erin").await,
+        StatusCode::CONFLICT,
+        "sold_out",
+    );
+    assert!(node.metric("keydrop_orders_shed_total").await >= 1.0);
+    // An idempotent retry of a reserved order still gets its answer when sold out.
+    assert_eq!(node.send(keyed("bob", "k-1", Some("dev-1"))).await, first);
+
+    // Per-device limit → 403.
+    let mut def = on_sale(100, 5, 600);
+    def["per_device_limit"] = json!(1);
+    node.sku_with_cards("s2", def, &cards("b", 5)).await;
+    let with_device = |user: &str| {
+        node.http
+            .post(node.at("/v1/skus/s2/orders"))
+            .header("x-device-id", "phone-1")
+            .json(&json!({"user_id": user}))
+    };
+    assert_eq!(node.send(with_device("u1")).await.0, StatusCode::CREATED);
+    assert_error(
+        &node.send(with_device("u2")).await,
+        StatusCode::FORBIDDEN,
+        "purchase_limit",
+    );
+
+    // Outside the sale window → 409 not_on_sale, before and after.
+    let mut later = on_sale(100, 1, 600);
+    later["starts_at"] = json!("2999-01-01T00:00:00Z");
+    node.sku_with_cards("s3", later, &cards("c", 1)).await;
+    assert_error(
+        &node.reserve("s3", "x").await,
+        StatusCode::CONFLICT,
+        "not_on_sale",
+    );
+    let mut over = on_sale(100, 1, 600);
+    over["ends_at"] = json!("2000-01-01T00:00:00Z");
+    node.sku_with_cards("s4", over, &cards("d", 1)).await;
+    assert_error(
+        &node.reserve("s4", "x").await,
+        StatusCode::CONFLICT,
+        "not_on_sale",
+    );
+}
+
+#[tokio::test]
+async fn orders_payments_and_cancellation() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.sku_with_cards("s1", on_sale(700, 5, 600), &cards("p", 4))
+        .await;
+    let order_id = |answer: (StatusCode, Value)| {
+        assert_eq!(answer.0, StatusCode::CREATED, "{}", answer.1);
+        answer.1["order_id"].as_str().unwrap().to_owned()
+    };
+    let paid = order_id(node.reserve("s1", "u1").await);
+    let cancelled = order_id(node.reserve("s1", "u1").await);
+
+    // Lookup: no card until paid; unknown and malformed ids are 404.
+    let (status, view) = node.get(&format!("/v1/orders/{paid}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["status"], "reserved");
+    assert!(view.get("card").is_none(), "{view}");
+    for id in [
+        "0123456789abcdef0123456789abcdef",
+        "xyz",
+        "0123456789ABCDEF0123456789ABCDEF",
+    ] {
+        assert_error(
+            &node.get(&format!("/v1/orders/{id}")).await,
+            StatusCode::NOT_FOUND,
+            "order_not_found",
+        );
+    }
+
+    // Signatures: missing, wrong, stale, or for another body → 401.
+    let body = json!({"payment_ref": "pay-1", "amount_cents": 700}).to_string();
+    let url = node.at(&format!("/v1/orders/{paid}/payment"));
+    let secret = node.payment_secret();
+    let attempts = [
+        None,
+        Some("garbage".to_owned()),
+        Some(sign(b"some-other-secret-entirely", unix_now(), &body)),
+        Some(sign(secret.as_bytes(), unix_now() - 301, &body)),
+        Some(sign(secret.as_bytes(), unix_now() + 301, &body)),
+        Some(sign(secret.as_bytes(), unix_now(), "{}")),
+    ];
+    for header in attempts {
+        let mut request = node.http.post(&url).body(body.clone());
+        if let Some(header) = header {
+            request = request.header("x-keydrop-signature", header);
+        }
+        assert_error(
+            &node.send(request).await,
+            StatusCode::UNAUTHORIZED,
+            "bad_signature",
+        );
+    }
+    // A valid signature over a malformed body is still a 400.
+    let junk = "{\"payment_ref\":";
+    let answer = node
+        .send(
+            node.http
+                .post(&url)
+                .header("x-keydrop-signature", node.sign(junk))
+                .body(junk),
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_error(
+        &node.pay("0123456789abcdef0123456789abcdef", "r", 700).await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    );
+
+    // Wrong amount → 400; right one → 200 paid; same ref → 200 again; another → 409.
+    assert_error(
+        &node.pay(&paid, "pay-0", 699).await,
+        StatusCode::BAD_REQUEST,
+        "amount_mismatch",
+    );
+    assert_eq!(
+        node.pay(&paid, "pay-1", 700).await,
+        (StatusCode::OK, json!({"order_id": paid, "status": "paid"}))
+    );
+    assert_eq!(node.pay(&paid, "pay-1", 700).await.0, StatusCode::OK);
+    assert_error(
+        &node.pay(&paid, "pay-2", 700).await,
+        StatusCode::CONFLICT,
+        "already_paid",
+    );
+    let (status, view) = node.get(&format!("/v1/orders/{paid}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["status"], "paid");
+    let serial = view["card"]["serial"].as_str().unwrap();
+    assert_eq!(
+        view["card"]["secret"].as_str().unwrap(),
+        format!("secret-{serial}-x")
+    );
+
+    // Cancel: 200 while reserved, 409 once paid; paying a cancelled order → 409.
+    let delete = |id: &str| node.send(node.http.delete(node.at(&format!("/v1/orders/{id}"))));
+    assert_eq!(
+        delete(&cancelled).await,
+        (StatusCode::OK, json!({"status": "cancelled"}))
+    );
+    assert_error(&delete(&paid).await, StatusCode::CONFLICT, "already_paid");
+    assert_error(
+        &delete("nothex").await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    );
+    assert_error(
+        &node.pay(&cancelled, "pay-3", 700).await,
+        StatusCode::CONFLICT,
+        "reservation_expired",
+    );
+    assert_eq!(node.get("/v1/skus/s1").await.1["available"], 3);
+
+    // Every refused payment is listed for refund (admin only).
+    let anonymous = node.get("/v1/admin/refunds").await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (status, list) = node
+        .send(node.admin(Method::GET, "/v1/admin/refunds?sku=s1"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut reasons: Vec<&str> = list["refunds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["already_paid", "amount_mismatch", "cancelled"],
+        "{list}"
+    );
+    let bad = node
+        .send(node.admin(Method::GET, "/v1/admin/refunds?sku=no%20pe"))
+        .await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "invalid_request");
+    let unknown = node
+        .send(node.admin(Method::GET, "/v1/admin/refunds?sku=nope"))
+        .await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "sku_not_found");
+}
+
+#[tokio::test]
+async fn token_buckets_answer_429_with_retry_after() {
+    let node = Node::start(&[
+        ("KEYDROP_RATE_PER_USER", "1"),
+        ("KEYDROP_BURST_PER_USER", "1"),
+        ("KEYDROP_RATE_PER_IP", "1"),
+        ("KEYDROP_BURST_PER_IP", "4"),
+    ])
+    .await;
+    node.sku_with_cards("s1", on_sale(100, 5, 600), &cards("r", 5))
+        .await;
+    // Per user: the second order within a second is throttled.
+    assert_eq!(node.reserve("s1", "alice").await.0, StatusCode::CREATED);
+    let response = node
+        .http
+        .post(node.at("/v1/skus/s1/orders"))
+        .json(&json!({"user_id": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    // Per IP: lookups count too, so order ids cannot be guessed at speed. Two
+    // orders spent two of the four tokens.
+    let lookups = lookups_until_throttled(&node, 10).await;
+    assert!(
+        lookups.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{lookups:?}"
+    );
+    assert!(
+        node.metric("keydrop_admission_rejected_total{scope=\"user\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        node.metric("keydrop_admission_rejected_total{scope=\"ip\"}")
+            .await
+            >= 1.0
+    );
+}
+
+async fn lookups_until_throttled(node: &Node, n: usize) -> Vec<StatusCode> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let (status, _) = node
+            .get("/v1/orders/0123456789abcdef0123456789abcdef")
+            .await;
+        statuses.push(status);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+    }
+    statuses
+}

@@ -1,0 +1,387 @@
+//! Test harness: starts the real `keydrop` binary on 127.0.0.1 with port 0 and a
+//! temporary data dir, reads the bound port from its one stdout line, waits for
+//! `/readyz`, and stops it with SIGTERM or SIGKILL. Also signs payment callbacks the
+//! way a provider does. Every wait is bounded by a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+/// Generous bounds: a debug build on a busy 2-core machine.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    _stdout: Option<BufReader<ChildStdout>>,
+    pub url: String,
+    pub http: reqwest::Client,
+    starts: usize,
+}
+
+impl Node {
+    /// Starts a node on a fresh data dir with extra `KEYDROP_*` settings.
+    pub async fn start(env: &[(&str, &str)]) -> Node {
+        let mut node = Node {
+            dir: tempfile::tempdir().expect("temp dir"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            _stdout: None,
+            url: String::new(),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("HTTP client"),
+            starts: 0,
+        };
+        node.spawn().await;
+        node
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// The server's stderr so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// A command line for the binary with this node's environment (for CLI tests).
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keydrop"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("KEYDROP_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("KEYDROP_HTTP_ADDR", "127.0.0.1:0")
+            .env("KEYDROP_DATA_DIR", self.data_dir())
+            .env("KEYDROP_LOG", "info,keydrop=debug")
+            .env("KEYDROP_SHUTDOWN_GRACE_SECS", "20");
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let mut child = self
+            .command()
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawning keydrop serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let read = reader.read_line(&mut line);
+            let _ = tx.send((read.map(|_| line), reader));
+        });
+        let (line, reader) = match rx.recv_timeout(START_TIMEOUT) {
+            Ok((Ok(line), reader)) => (line, reader),
+            other => {
+                let _ = child.kill();
+                panic!(
+                    "no `listening on` line ({:?}); log:\n{}",
+                    other.map(|(line, _)| line),
+                    self.log()
+                )
+            }
+        };
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}; log:\n{}", self.log()))
+            .to_owned();
+        self.url = url;
+        self.child = Some(child);
+        self._stdout = Some(reader);
+        self.wait_ready().await;
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(response) = self.http.get(self.at("/readyz")).send().await {
+                if response.status() == StatusCode::OK {
+                    return;
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "keydrop exited with {status} while starting; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready in time; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the node on the same data dir and starts it again.
+    pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            let status = self.sigterm();
+            assert!(status.success(), "{status}; log:\n{}", self.log());
+        }
+        self.spawn().await;
+    }
+
+    /// Starts again after a stop or a kill.
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn sigterm(&mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("running kill");
+        assert!(sent.success());
+        self.wait_exit()
+    }
+
+    /// SIGKILL: the process gets no chance to flush or snapshot anything.
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+        self._stdout = None;
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for keydrop") {
+                self._stdout = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("keydrop did not exit in time; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    fn secret_file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.data_dir().join("secrets").join(name))
+            .expect("generated secret file")
+            .trim()
+            .to_owned()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.secret_file("admin-token")
+    }
+
+    pub fn payment_secret(&self) -> String {
+        self.secret_file("payment-secret")
+    }
+
+    /// `X-Keydrop-Signature` for `body`, signed now.
+    pub fn sign(&self, body: &str) -> String {
+        sign(self.payment_secret().as_bytes(), unix_now(), body)
+    }
+
+    // ---- requests ----
+
+    /// Sends and returns the status and the JSON body (`Null` when not JSON).
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.expect("request sent");
+        let status = response.status();
+        let bytes = response.bytes().await.expect("response body");
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    pub fn admin(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.at(path))
+            .bearer_auth(self.admin_token())
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.http.get(self.at(path))).await
+    }
+
+    pub async fn put_sku(&self, sku: &str, def: Value) -> (StatusCode, Value) {
+        self.send(
+            self.admin(Method::PUT, &format!("/v1/skus/{sku}"))
+                .json(&def),
+        )
+        .await
+    }
+
+    /// Creates an on-sale SKU and imports `cards` (serial, secret) pairs.
+    pub async fn sku_with_cards(&self, sku: &str, def: Value, cards: &[(String, String)]) {
+        let (status, body) = self.put_sku(sku, def).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body) = self.import(sku, cards).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["imported"], cards.len() as u64);
+    }
+
+    pub async fn import(&self, sku: &str, cards: &[(String, String)]) -> (StatusCode, Value) {
+        let cards: Vec<Value> = cards
+            .iter()
+            .map(|(serial, secret)| json!({"serial": serial, "secret": secret}))
+            .collect();
+        self.send(
+            self.admin(Method::POST, &format!("/v1/skus/{sku}/cards"))
+                .json(&json!({ "cards": cards })),
+        )
+        .await
+    }
+
+    pub async fn reserve(&self, sku: &str, user: &str) -> (StatusCode, Value) {
+        self.send(
+            self.http
+                .post(self.at(&format!("/v1/skus/{sku}/orders")))
+                .json(&json!({ "user_id": user })),
+        )
+        .await
+    }
+
+    pub async fn pay(&self, order_id: &str, payment_ref: &str, amount: u64) -> (StatusCode, Value) {
+        let body = json!({"payment_ref": payment_ref, "amount_cents": amount}).to_string();
+        self.send(
+            self.http
+                .post(self.at(&format!("/v1/orders/{order_id}/payment")))
+                .header("content-type", "application/json")
+                .header("x-keydrop-signature", self.sign(&body))
+                .body(body),
+        )
+        .await
+    }
+
+    /// The value of one sample in the `/metrics` text (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.at("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// What a payment provider sends: `t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+pub fn sign(secret: &[u8], t: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A SKU definition on sale now.
+pub fn on_sale(price_cents: u64, per_user_limit: u32, ttl_secs: u64) -> Value {
+    json!({
+        "name": "Test card",
+        "price_cents": price_cents,
+        "per_user_limit": per_user_limit,
+        "reservation_ttl_secs": ttl_secs,
+    })
+}
+
+/// `n` cards with predictable serials and secrets.
+pub fn cards(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("{prefix}-{i:06}"),
+                format!("secret-{prefix}-{i:06}-x"),
+            )
+        })
+        .collect()
+}
+
+/// Polls `check` until it returns `Some`, or panics at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}

@@ -1,0 +1,311 @@
+//! Whole drops against a real node: a crowd for too few cards, a crash in the
+//! middle of a sale, a payment after expiry, and a clean stop and restart.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{cards, eventually, on_sale, Node};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+/// Connections in flight at once: stays under a default open-file limit of 1024 on
+/// both sides, while every buyer's task is already waiting to go.
+const CONNECTIONS_MAX: usize = 512;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_buyers_for_five_hundred_cards() {
+    let node = Arc::new(Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await);
+    let stock = cards("drop", 500);
+    node.sku_with_cards("drop", on_sale(1_000, 1, 600), &stock)
+        .await;
+    let secrets: HashMap<String, String> = stock.into_iter().collect();
+
+    let gate = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let buyers: Vec<_> = (0..2_000)
+        .map(|i| {
+            let node = Arc::clone(&node);
+            let gate = Arc::clone(&gate);
+            tokio::spawn(async move {
+                let _slot = gate.acquire().await.expect("semaphore open");
+                node.reserve("drop", &format!("buyer-{i}")).await
+            })
+        })
+        .collect();
+    let mut orders = Vec::new();
+    let mut refusals: HashMap<String, usize> = HashMap::new();
+    for buyer in buyers {
+        let (status, body) = buyer.await.expect("buyer task");
+        match status {
+            StatusCode::CREATED => orders.push(body["order_id"].as_str().unwrap().to_owned()),
+            _ => {
+                *refusals
+                    .entry(format!("{status} {}", body["error"]))
+                    .or_default() += 1
+            }
+        }
+    }
+    assert_eq!(orders.len(), 500, "refusals: {refusals:?}");
+    assert_eq!(refusals.len(), 1, "only sold_out refusals: {refusals:?}");
+    assert_eq!(
+        refusals.get("409 Conflict \"sold_out\""),
+        Some(&1_500),
+        "{refusals:?}"
+    );
+
+    // Everyone pays; every buyer then sees a distinct imported card and its secret.
+    let payers: Vec<_> = orders
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let node = Arc::clone(&node);
+            let gate = Arc::clone(&gate);
+            let id = id.clone();
+            tokio::spawn(async move {
+                let _slot = gate.acquire().await.expect("semaphore open");
+                let paid = node.pay(&id, &format!("pay-{i}"), 1_000).await;
+                assert_eq!(paid.0, StatusCode::OK, "{}", paid.1);
+                node.get(&format!("/v1/orders/{id}")).await
+            })
+        })
+        .collect();
+    let mut serials = HashSet::new();
+    for payer in payers {
+        let (status, order) = payer.await.expect("payer task");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(order["status"], "paid");
+        let serial = order["card"]["serial"].as_str().unwrap().to_owned();
+        assert_eq!(
+            order["card"]["secret"].as_str(),
+            secrets.get(&serial).map(String::as_str),
+            "{serial}"
+        );
+        assert!(serials.insert(serial.clone()), "{serial} sold twice");
+    }
+    assert_eq!(serials.len(), 500);
+    let (_, view) = node.get("/v1/skus/drop").await;
+    assert_eq!(
+        (
+            view["available"].as_u64(),
+            view["reserved"].as_u64(),
+            view["sold"].as_u64()
+        ),
+        (Some(0), Some(0), Some(500))
+    );
+    assert_eq!(view["status"], "sold_out");
+}
+
+/// What buyers were told during the sale.
+#[derive(Default)]
+struct Acks {
+    reserved: Vec<String>,
+    paid: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_sale_loses_no_acknowledged_order() {
+    let mut node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.sku_with_cards("hot", on_sale(300, 1, 600), &cards("k", 3_000))
+        .await;
+    let url = node.url.clone();
+    let secret = node.payment_secret();
+    let acks = Arc::new(Mutex::new(Acks::default()));
+
+    // Buyers reserve and pay in a loop until the node dies under them.
+    let http = node.http.clone();
+    let workers: Vec<_> = (0..64)
+        .map(|w| {
+            let (http, url, secret, acks) = (http.clone(), url.clone(), secret.clone(), Arc::clone(&acks));
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let user = format!("w{w}-u{i}");
+                    let Ok(response) = http
+                        .post(format!("{url}/v1/skus/hot/orders"))
+                        .json(&serde_json::json!({ "user_id": user }))
+                        .send()
+                        .await
+                    else {
+                        return;
+                    };
+                    if response.status() != StatusCode::CREATED {
+                        continue;
+                    }
+                    let Ok(order) = response.json::<Value>().await else { return };
+                    let id = order["order_id"].as_str().unwrap().to_owned();
+                    acks.lock().unwrap().reserved.push(id.clone());
+                    if i % 2 == 1 {
+                        continue;
+                    }
+                    let body = serde_json::json!({"payment_ref": format!("pay-{id}"), "amount_cents": 300}).to_string();
+                    let Ok(response) = http
+                        .post(format!("{url}/v1/orders/{id}/payment"))
+                        .header("x-keydrop-signature", common::sign(secret.as_bytes(), common::unix_now(), &body))
+                        .body(body)
+                        .send()
+                        .await
+                    else {
+                        return;
+                    };
+                    if response.status() == StatusCode::OK {
+                        acks.lock().unwrap().paid.push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    eventually(
+        "a few hundred acknowledged orders",
+        Duration::from_secs(120),
+        || {
+            let acks = Arc::clone(&acks);
+            async move { (acks.lock().unwrap().paid.len() >= 200).then_some(()) }
+        },
+    )
+    .await;
+    node.sigkill();
+    for worker in workers {
+        worker.await.expect("worker task");
+    }
+    let acks = std::mem::take(&mut *acks.lock().unwrap());
+
+    node.start_again().await;
+    let mut serials = HashSet::new();
+    for id in &acks.reserved {
+        let (status, order) = node.get(&format!("/v1/orders/{id}")).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "acknowledged order {id} lost: {order}"
+        );
+        assert!(
+            matches!(order["status"].as_str(), Some("reserved" | "paid")),
+            "{order}"
+        );
+    }
+    for id in &acks.paid {
+        let (status, order) = node.get(&format!("/v1/orders/{id}")).await;
+        assert_eq!(
+            (status, order["status"].as_str()),
+            (StatusCode::OK, Some("paid")),
+            "{id}"
+        );
+        assert!(
+            serials.insert(order["card"]["serial"].as_str().unwrap().to_owned()),
+            "card sold twice"
+        );
+    }
+    let (_, view) = node.get("/v1/skus/hot").await;
+    let held = view["reserved"].as_u64().unwrap() + view["sold"].as_u64().unwrap();
+    assert!(
+        held >= acks.reserved.len() as u64,
+        "{view} vs {} acked",
+        acks.reserved.len()
+    );
+    assert!(
+        view["sold"].as_u64().unwrap() >= acks.paid.len() as u64,
+        "{view}"
+    );
+    assert_eq!(view["available"].as_u64().unwrap() + held, 3_000, "{view}");
+}
+
+#[tokio::test]
+async fn payment_after_expiry_is_refused_and_the_card_returns() {
+    let node = Node::start(&[]).await;
+    node.sku_with_cards("fast", on_sale(250, 1, 1), &cards("e", 1))
+        .await;
+    let (status, order) = node.reserve("fast", "slowpoke").await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(node.get("/v1/skus/fast").await.1["available"], 0);
+
+    // The expiry ticker returns the card to stock once the 1 s reservation is due.
+    eventually(
+        "the reservation to expire",
+        Duration::from_secs(30),
+        || async {
+            let (_, view) = node.get("/v1/skus/fast").await;
+            (view["available"] == 1).then_some(())
+        },
+    )
+    .await;
+    let (status, body) = node.pay(&id, "late-pay", 250).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("reservation_expired")),
+        "{body}"
+    );
+    let (_, order) = node.get(&format!("/v1/orders/{id}")).await;
+    assert_eq!(order["status"], "expired");
+    assert!(order.get("card").is_none());
+    assert_eq!(node.get("/v1/skus/fast").await.1["available"], 1);
+    assert_eq!(node.metric("keydrop_late_payments_total").await, 1.0);
+
+    // The operator sees the refund to make.
+    let output = node
+        .command()
+        .args(["order", "late", "--json", "--url", &node.url])
+        .output()
+        .expect("keydrop order late");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    let refunds = listed["refunds"].as_array().unwrap();
+    assert_eq!(refunds.len(), 1, "{listed}");
+    assert_eq!(refunds[0]["order_id"], id.as_str());
+    assert_eq!(refunds[0]["payment_ref"], "late-pay");
+    assert_eq!(refunds[0]["amount_cents"], 250);
+    assert_eq!(refunds[0]["reason"], "expired");
+
+    // And the card sells again.
+    assert_eq!(
+        node.reserve("fast", "someone-else").await.0,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_and_a_restart_keeps_everything() {
+    let mut node = Node::start(&[]).await;
+    node.sku_with_cards("keep", on_sale(900, 2, 600), &cards("t", 10))
+        .await;
+    let (_, reserved) = node.reserve("keep", "u1").await;
+    let (_, paid) = node.reserve("keep", "u2").await;
+    let reserved = reserved["order_id"].as_str().unwrap().to_owned();
+    let paid = paid["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(node.pay(&paid, "p-1", 900).await.0, StatusCode::OK);
+    let (_, card_before) = node.get(&format!("/v1/orders/{paid}")).await;
+
+    let status = node.sigterm();
+    assert_eq!(status.code(), Some(0), "log:\n{}", node.log());
+    assert!(
+        node.log().contains("engine stopped"),
+        "log:\n{}",
+        node.log()
+    );
+    node.start_again().await;
+
+    let (_, view) = node.get("/v1/skus/keep").await;
+    assert_eq!(
+        (
+            view["available"].as_u64(),
+            view["reserved"].as_u64(),
+            view["sold"].as_u64()
+        ),
+        (Some(8), Some(1), Some(1)),
+        "{view}"
+    );
+    assert_eq!(
+        node.get(&format!("/v1/orders/{reserved}")).await.1["status"],
+        "reserved"
+    );
+    assert_eq!(node.get(&format!("/v1/orders/{paid}")).await.1, card_before);
+    let status = node.sigterm();
+    assert_eq!(status.code(), Some(0));
+}
