@@ -258,7 +258,9 @@ mod tests {
     fn clean() -> (History, TargetState, Vec<u64>) {
         let mut history = History::default();
         for (id, sku) in [("o1", 0), ("o2", 0), ("o3", 0), ("o4", 1)] {
-            history.reserved(id.into(), sku, format!("user-{id}")).unwrap();
+            history
+                .reserved(id.into(), sku, format!("user-{id}"))
+                .unwrap();
         }
         history.paid("o1", Ack::Yes);
         history.cancelled("o2", Ack::Yes);
@@ -268,10 +270,18 @@ mod tests {
             status,
             serial: serial.map(str::to_string),
         };
-        state.orders.insert("o1".into(), order(Status::Paid, Some("a")));
-        state.orders.insert("o2".into(), order(Status::Cancelled, None));
-        state.orders.insert("o3".into(), order(Status::Reserved, None));
-        state.orders.insert("o4".into(), order(Status::Paid, Some("a")));
+        state
+            .orders
+            .insert("o1".into(), order(Status::Paid, Some("a")));
+        state
+            .orders
+            .insert("o2".into(), order(Status::Cancelled, None));
+        state
+            .orders
+            .insert("o3".into(), order(Status::Reserved, None));
+        state
+            .orders
+            .insert("o4".into(), order(Status::Paid, Some("a")));
         state.skus.insert(
             0,
             SkuCounts {
@@ -315,7 +325,10 @@ mod tests {
         let report = audit(&history, &state, &stocked);
         assert!(!report.passed);
         assert!(
-            report.failures.iter().any(|f| f.contains("delivered twice")),
+            report
+                .failures
+                .iter()
+                .any(|f| f.contains("delivered twice")),
             "{:?}",
             report.failures
         );
@@ -329,7 +342,10 @@ mod tests {
         state.skus.get_mut(&0).unwrap().available = 2;
         let report = audit(&history, &state, &stocked);
         assert!(!report.passed);
-        assert!(report.failures.iter().any(|f| f.contains("does not have it")));
+        assert!(report
+            .failures
+            .iter()
+            .any(|f| f.contains("does not have it")));
         assert!(report.failures.iter().any(|f| f.contains("reservations")));
     }
 

@@ -43,7 +43,12 @@ pub fn write(targets: &[TargetReport], stem: &Path) -> Result<Vec<PathBuf>> {
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 fn throughput_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
-    let seconds = targets.iter().map(|t| t.timeline.len()).max().unwrap_or(1).max(1);
+    let seconds = targets
+        .iter()
+        .map(|t| t.timeline.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let peak = targets
         .iter()
         .flat_map(|t| t.timeline.iter().map(|s| s.answers))
@@ -83,7 +88,12 @@ fn throughput_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
 }
 
 fn latency_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
-    let seconds = targets.iter().map(|t| t.timeline.len()).max().unwrap_or(1).max(1);
+    let seconds = targets
+        .iter()
+        .map(|t| t.timeline.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let worst_ms = targets
         .iter()
         .flat_map(|t| t.timeline.iter().map(|s| s.reserve_p99_us))

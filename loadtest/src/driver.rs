@@ -259,9 +259,7 @@ async fn collect(
             retries,
             error,
         } => {
-            collected
-                .recorder
-                .record(op, outcome, at_secs, latency_us);
+            collected.recorder.record(op, outcome, at_secs, latency_us);
             collected.recorder.retries += u64::from(retries);
             if let Some(error) = error {
                 if collected.error_samples.len() < ERROR_SAMPLES_MAX
@@ -406,11 +404,10 @@ pub async fn run<T: Target>(
     let drain = (config.request_timeout + OVERLOADED_BACKOFF) * attempts * 3
         + (config.duration_max.saturating_sub(start.elapsed()));
     let all = u32::try_from(slots).expect("slots fit in u32");
-    let abandoned_sessions =
-        match tokio::time::timeout(drain, in_flight.acquire_many(all)).await {
-            Ok(_) => 0,
-            Err(_) => (slots - in_flight.available_permits()) as u64,
-        };
+    let abandoned_sessions = match tokio::time::timeout(drain, in_flight.acquire_many(all)).await {
+        Ok(_) => 0,
+        Err(_) => (slots - in_flight.available_permits()) as u64,
+    };
     let elapsed = start.elapsed();
     let _ = stop_tx.send(());
     let collected = collector.await.expect("the collector does not panic");

@@ -48,7 +48,12 @@ pub enum ModeKind {
 #[derive(Args, Debug, Clone)]
 pub struct DropArgs {
     /// Targets to run, in order (repeat the flag, or separate with commas).
-    #[arg(long = "target", value_enum, value_delimiter = ',', default_value = "engine")]
+    #[arg(
+        long = "target",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "engine"
+    )]
     pub targets: Vec<TargetKind>,
     /// Cards in the drop.
     #[arg(long, default_value_t = 10_000)]
@@ -280,8 +285,7 @@ pub async fn run_drop(args: &DropArgs) -> Result<DropReport> {
     if wants_redis && redis_urls.is_empty() {
         for policy in &args.redis_appendfsync {
             let policy = policy.clone();
-            let server = tokio::task::spawn_blocking(move || RedisServer::start(&policy))
-                .await??;
+            let server = tokio::task::spawn_blocking(move || RedisServer::start(&policy)).await??;
             eprintln!(
                 "started redis-server pid {} on {} (appendfsync {})",
                 server.pid(),
@@ -467,4 +471,157 @@ pub fn main(args: DropArgs) -> Result<()> {
         bail!("audit failed: see the failures above");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::target::{Answer, ReserveRequest};
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        args: DropArgs,
+    }
+
+    /// A small drop, bounded to a few seconds on any target.
+    fn args(extra: &[&str]) -> DropArgs {
+        let mut argv = vec![
+            "keydrop-load",
+            "--cards",
+            "300",
+            "--buyers",
+            "2000",
+            "--concurrency",
+            "64",
+            "--max-secs",
+            "10",
+            "--seed",
+            "7",
+            "--quiet",
+        ];
+        argv.extend_from_slice(extra);
+        TestCli::parse_from(argv).args
+    }
+
+    fn assert_clean_drop(report: &DropReport) {
+        assert_eq!(report.targets.len(), 1);
+        let t = &report.targets[0];
+        assert!(report.passed, "audit: {:?}", t.audit.failures);
+        let c = |name: &str| t.counts[name];
+        // Every card went (cancelled ones came back and went again), the rest of
+        // the crowd was told sold out, and most winners paid.
+        assert!(c("reserved") >= 300, "{:?}", t.counts);
+        assert_eq!(c("reserved") + c("sold_out"), 2000, "{:?}", t.counts);
+        assert!(c("paid") >= 250, "{:?}", t.counts);
+        assert_eq!(t.errors, 0, "{:?}", t.error_samples);
+        assert_eq!(t.audit.orders_checked, c("reserved"));
+        assert_eq!(t.audit.paid_cards_checked, c("paid"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_engine_drop_passes_its_audit() {
+        let report = run_drop(&args(&["--target", "engine"])).await.unwrap();
+        assert_clean_drop(&report);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_open_loop_engine_drop_passes_its_audit() {
+        let report = run_drop(&args(&[
+            "--target",
+            "engine",
+            "--mode",
+            "ramp",
+            "--ramp-from",
+            "500",
+            "--rate",
+            "4000",
+            "--ramp-secs",
+            "1",
+        ]))
+        .await
+        .unwrap();
+        assert_clean_drop(&report);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_redis_direct_drop_passes_its_audit() {
+        if crate::servers::which("redis-server").is_none() {
+            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+            return;
+        }
+        let report = run_drop(&args(&["--target", "redis-direct"]))
+            .await
+            .unwrap();
+        assert_clean_drop(&report);
+        assert!(report.targets[0].target.durability.contains("everysec"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_http_drop_against_a_real_node_passes_its_audit() {
+        if let Err(error) = find_keydrop(None) {
+            eprintln!("skipped: {error:#}");
+            return;
+        }
+        let report = run_drop(&args(&["--target", "http"])).await.unwrap();
+        assert_clean_drop(&report);
+    }
+
+    /// Acknowledges every 50th reservation with an order id the engine never
+    /// issued: a lost order. The audit must catch it, proving the harness can fail.
+    struct LosesOrders(EngineTarget);
+
+    impl Target for LosesOrders {
+        async fn stock(&self, stock: &Stock) -> Result<()> {
+            self.0.stock(stock).await
+        }
+        async fn reserve(&self, request: ReserveRequest<'_>) -> Answer {
+            let buyer: u64 = request.user.trim_start_matches('u').parse().unwrap();
+            match self.0.reserve(request).await {
+                Answer::Reserved(_) if buyer.is_multiple_of(50) => {
+                    Answer::Reserved(format!("{:032x}", 0xdead_0000 + buyer))
+                }
+                other => other,
+            }
+        }
+        async fn pay(&self, order: &OrderRef, amount_cents: u64) -> Answer {
+            self.0.pay(order, amount_cents).await
+        }
+        async fn cancel(&self, order: &OrderRef) -> Answer {
+            self.0.cancel(order).await
+        }
+        async fn state(&self, orders: &[OrderRef]) -> Result<crate::audit::TargetState> {
+            self.0.state(orders).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_audit_catches_a_target_that_loses_orders() {
+        let args = args(&[]);
+        let crowd = Arc::new(Crowd::new(args.spec(7)).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let inner = EngineTarget::open(dir.path()).await.unwrap();
+        let target = Arc::new(LosesOrders(inner));
+        let report = run_target(
+            Arc::clone(&target),
+            EngineTarget::info(),
+            crowd,
+            args.run_config("canary".into()),
+        )
+        .await
+        .unwrap();
+        target.0.close().await;
+        assert!(!report.audit.passed);
+        assert!(
+            report
+                .audit
+                .failures
+                .iter()
+                .any(|f| f.contains("does not have it")),
+            "{:?}",
+            report.audit.failures
+        );
+    }
 }

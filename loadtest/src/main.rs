@@ -36,7 +36,7 @@ enum Target {
     /// A flash-sale drop against one or more targets (engine, http, redis-direct,
     /// redis-http, postgres-direct), each audited afterwards; a failed audit exits
     /// non-zero. Prints a table; --json and --charts write the report.
-    Drop(drop_cmd::DropArgs),
+    Drop(Box<drop_cmd::DropArgs>),
 }
 
 fn main() -> Result<()> {
@@ -49,6 +49,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.target {
         Target::Engine(args) => engine_bench::run(args),
-        Target::Drop(args) => drop_cmd::main(args),
+        Target::Drop(args) => drop_cmd::main(*args),
     }
 }

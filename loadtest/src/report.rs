@@ -238,7 +238,10 @@ pub fn print_table(report: &DropReport) {
     }
     println!("\ndurability:");
     for t in &report.targets {
-        println!("  {:<22} {} ({})", t.target.name, t.target.durability, t.target.endpoint);
+        println!(
+            "  {:<22} {} ({})",
+            t.target.name, t.target.durability, t.target.endpoint
+        );
     }
     if let Some(ceiling) = &report.ceiling {
         println!(
@@ -247,7 +250,10 @@ pub fn print_table(report: &DropReport) {
         );
     }
     if !report.ratios.is_empty() {
-        println!("\n{:<24} {:<24} {:>12} {:>10}", "target", "versus", "throughput", "p99");
+        println!(
+            "\n{:<24} {:<24} {:>12} {:>10}",
+            "target", "versus", "throughput", "p99"
+        );
         for r in &report.ratios {
             println!(
                 "{:<24} {:<24} {:>11.2}x {:>10}",
@@ -260,7 +266,11 @@ pub fn print_table(report: &DropReport) {
     }
     for t in &report.targets {
         if !t.error_samples.is_empty() {
-            println!("\n{} errors (samples): {}", t.target.name, t.error_samples.join("; "));
+            println!(
+                "\n{} errors (samples): {}",
+                t.target.name,
+                t.error_samples.join("; ")
+            );
         }
         if !t.audit.passed {
             println!(
@@ -273,7 +283,10 @@ pub fn print_table(report: &DropReport) {
         } else {
             println!(
                 "audit {}: {} orders, {} paid cards, {} SKUs checked: ok",
-                t.target.name, t.audit.orders_checked, t.audit.paid_cards_checked, t.audit.skus_checked
+                t.target.name,
+                t.audit.orders_checked,
+                t.audit.paid_cards_checked,
+                t.audit.skus_checked
             );
         }
     }

@@ -33,7 +33,10 @@ impl Mode {
                 ensure!(concurrency > 0, "concurrency must be at least 1")
             }
             Mode::Constant { rate } => {
-                ensure!(rate > 0.0 && rate <= RATE_MAX, "rate must be in (0, {RATE_MAX}]")
+                ensure!(
+                    rate > 0.0 && rate <= RATE_MAX,
+                    "rate must be in (0, {RATE_MAX}]"
+                )
             }
             Mode::Ramp {
                 from,
@@ -133,7 +136,10 @@ mod tests {
         };
         let constant = Mode::Constant { rate: 200.0 };
         for i in [0, 1, 999, 1000, 1001, 4000] {
-            let (a, b) = (secs(ramp.intended_offset(i)), secs(constant.intended_offset(i)));
+            let (a, b) = (
+                secs(ramp.intended_offset(i)),
+                secs(constant.intended_offset(i)),
+            );
             assert!((a - b).abs() < 1e-9, "arrival {i}: {a} vs {b}");
         }
     }
@@ -174,7 +180,10 @@ mod tests {
             corrected.record(latency_us(due, answered)).unwrap();
             naive.record(latency_us(sent, answered)).unwrap();
         }
-        assert!(naive.value_at_quantile(0.99) < 1000, "naive p99 hides the stall");
+        assert!(
+            naive.value_at_quantile(0.99) < 1000,
+            "naive p99 hides the stall"
+        );
         assert!(corrected.value_at_quantile(0.99) > 800_000);
         assert!(corrected.value_at_quantile(0.90) > 100_000);
         assert!(corrected.value_at_quantile(0.50) < 1000);
