@@ -188,3 +188,44 @@ impl FromRequestParts<AppState> for ClientIp {
         Ok(ClientIp(state.admission.client_ip(peer, &parts.headers)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(chunks: &[&'static [u8]]) -> Body {
+        let mut all = Vec::new();
+        for chunk in chunks {
+            all.extend_from_slice(chunk);
+        }
+        Body::from(all)
+    }
+
+    #[tokio::test]
+    async fn limits_are_enforced_declared_or_not() {
+        let mut headers = HeaderMap::new();
+        let read = read_body(&headers, body_of(&[b"0123456789"]), 10)
+            .await
+            .unwrap();
+        assert_eq!(&read[..], b"0123456789");
+        let over = read_body(&headers, body_of(&[b"0123456789x"]), 10).await;
+        assert!(matches!(
+            over,
+            Err(ApiError::PayloadTooLarge { limit_bytes: 10 })
+        ));
+        // A declared length over the limit is refused before reading anything.
+        headers.insert(header::CONTENT_LENGTH, "1000000".parse().unwrap());
+        let declared = LimitedBody::new(&headers, Body::empty(), 10);
+        assert!(matches!(declared, Err(ApiError::PayloadTooLarge { .. })));
+        assert!(read_body(&HeaderMap::new(), Body::empty(), 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn tokens_compare_by_digest() {
+        assert_eq!(token_digest(b"a"), token_digest(b"a"));
+        assert_ne!(token_digest(b"a"), token_digest(b"b"));
+    }
+}
