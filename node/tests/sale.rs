@@ -309,3 +309,43 @@ async fn sigterm_exits_zero_and_a_restart_keeps_everything() {
     let status = node.sigterm();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_import_finish() {
+    let mut node = Node::start(&[]).await;
+    let (status, _) = node.put_sku("bulk", on_sale(100, 1, 600)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let csv: String = (0..60_000)
+        .map(|i| format!("BULK-{i},secret-{i}\n"))
+        .collect();
+    let batches = "keydrop_journal_batch_requests_count";
+    let before = node.metric(batches).await;
+    let import = tokio::spawn(
+        node.admin(reqwest::Method::POST, "/v1/skus/bulk/cards")
+            .header("content-type", "text/csv")
+            .body(csv)
+            .send(),
+    );
+    // Once the first chunk is journaled the request is surely in flight.
+    eventually("the import to start", Duration::from_secs(60), || async {
+        (node.metric(batches).await > before).then_some(())
+    })
+    .await;
+    let status = node.sigterm();
+    let response = import
+        .await
+        .expect("import task")
+        .expect("answered before exit");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["imported"], 60_000, "{body}");
+    assert_eq!(status.code(), Some(0), "log:\n{}", node.log());
+    let log = node.log();
+    let (asked, finished) = (log.find("shutdown requested"), log.find("cards imported"));
+    assert!(
+        asked.is_some() && asked < finished,
+        "the import finished before SIGTERM:\n{log}"
+    );
+    node.start_again().await;
+    assert_eq!(node.get("/v1/skus/bulk").await.1["available"], 60_000);
+}
