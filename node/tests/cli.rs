@@ -210,3 +210,19 @@ async fn serve_refuses_an_unknown_config_field_and_env_wins() {
         .unwrap_or_else(|| panic!("{line:?}"));
     assert_ne!(port, 1);
 }
+
+#[tokio::test]
+async fn a_second_node_on_the_same_data_dir_refuses_to_start() {
+    let node = Node::start(&[]).await;
+    let output = node
+        .command()
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("recovering"), "{stderr}");
+    // The first one is unharmed.
+    assert_eq!(node.get("/readyz").await.0, StatusCode::OK);
+}

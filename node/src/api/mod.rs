@@ -5,6 +5,17 @@
 //! - [`payments`]: the payment provider's signed callback;
 //! - [`health`]: liveness, readiness, metrics, and the refunds list for operators.
 //!
+//! Routes (admin ones need `Authorization: Bearer <admin token>`):
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics`;
+//! - `PUT /v1/skus/{sku}` (admin), `GET /v1/skus/{sku}`, `POST /v1/skus/{sku}/cards`
+//!   (admin; `application/json` or `text/csv`), `GET /v1/admin/skus/{sku}` (admin: the
+//!   view plus `imported` and `low_stock_threshold`);
+//! - `POST /v1/skus/{sku}/orders`, `GET` / `DELETE /v1/orders/{order_id}`,
+//!   `POST /v1/orders/{order_id}/payment` (signed callback);
+//! - `GET /v1/admin/refunds[?sku=<sku>]` (admin): `{"refunds": [{"order_id", "sku",
+//!   "user_id", "order_status", "price_cents", "payment_ref", "amount_cents", "reason",
+//!   "refused_at"}]}`, one entry per refused payment; `keydrop order late` prints it.
+//!
 //! Every error leaves through [`error::ApiError`], as JSON.
 
 pub mod error;
