@@ -142,6 +142,10 @@ pub struct DropArgs {
     pub ceiling_name: String,
     #[arg(long, default_value = "")]
     pub ceiling_command: String,
+    /// A wrk run made outside, as `name|requests per second|command`; listed
+    /// with its ratio to the ceiling (repeatable).
+    #[arg(long)]
+    pub wrk_result: Vec<String>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -240,7 +244,8 @@ pub async fn run_target<T: Target>(
             audit
         }
     };
-    Ok(TargetReport::new(info, &outcome, audit))
+    let breakdown = target.breakdown().await;
+    Ok(TargetReport::new(info, &outcome, audit, breakdown))
 }
 
 fn random_seed() -> u64 {
@@ -437,11 +442,31 @@ pub async fn run_drop(args: &DropArgs) -> Result<DropReport> {
                 args.ceiling_command.clone()
             },
         }),
+        wrk: args
+            .wrk_result
+            .iter()
+            .map(|text| parse_wrk_result(text))
+            .collect::<Result<_>>()?,
         ratios: Vec::new(),
         passed,
     };
     report.compute_ratios();
     Ok(report)
+}
+
+fn parse_wrk_result(text: &str) -> Result<Ceiling> {
+    let mut parts = text.splitn(3, '|');
+    let (Some(name), Some(rps), Some(command)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("--wrk-result takes name|requests per second|command, got {text:?}");
+    };
+    Ok(Ceiling {
+        name: name.to_string(),
+        requests_per_sec: rps
+            .trim()
+            .parse()
+            .with_context(|| format!("requests per second in {text:?}"))?,
+        command: command.to_string(),
+    })
 }
 
 /// The `drop` subcommand: runs, prints, writes; fails when an audit failed.

@@ -12,6 +12,7 @@ mod schedule;
 mod servers;
 mod stats;
 mod target;
+mod tools;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +38,11 @@ enum Target {
     /// redis-http, postgres-direct), each audited afterwards; a failed audit exits
     /// non-zero. Prints a table; --json and --charts write the report.
     Drop(Box<drop_cmd::DropArgs>),
+    /// Runs the Redis-backed HTTP service of the `redis-http` target on its own
+    /// (for wrk), printing `listening on http://<addr>`; stops on SIGTERM.
+    ServeRedisHttp(tools::ServeRedisHttpArgs),
+    /// Defines a SKU and imports cards through API v1's admin routes (for wrk).
+    Stock(tools::StockArgs),
 }
 
 fn main() -> Result<()> {
@@ -50,5 +56,7 @@ fn main() -> Result<()> {
     match cli.target {
         Target::Engine(args) => engine_bench::run(args),
         Target::Drop(args) => drop_cmd::main(*args),
+        Target::ServeRedisHttp(args) => tools::serve_redis_http(args),
+        Target::Stock(args) => tools::stock(args),
     }
 }

@@ -32,6 +32,12 @@ pub struct TargetReport {
     /// Reservation requests answered per second, whatever the answer.
     pub reserve_requests_per_sec: f64,
     pub reservations_per_sec: f64,
+    /// Seconds from the first arrival to the last reservation answered: how long
+    /// the stock took to go (cancelled cards come back and go again).
+    pub selling_secs: f64,
+    /// Reservations per second over `selling_secs`: the rate at which the stock
+    /// was sold while there was some, sold-out answers left aside.
+    pub reservations_per_sec_while_selling: f64,
     /// By outcome name: reserved, sold_out, purchase_limit, rate_limited, errors…
     pub counts: BTreeMap<String, u64>,
     pub errors: u64,
@@ -41,11 +47,18 @@ pub struct TargetReport {
     pub timeline: Vec<SecondReport>,
     pub error_samples: Vec<String>,
     pub abandoned_sessions: u64,
+    /// Where the target's time went, when it reports it.
+    pub breakdown: Vec<(String, String)>,
     pub audit: AuditReport,
 }
 
 impl TargetReport {
-    pub fn new(target: TargetInfo, run: &RunOutcome, audit: AuditReport) -> TargetReport {
+    pub fn new(
+        target: TargetInfo,
+        run: &RunOutcome,
+        audit: AuditReport,
+        breakdown: Vec<(String, String)>,
+    ) -> TargetReport {
         let recorder = &run.recorder;
         let seconds = run.elapsed.as_secs_f64().max(1e-9);
         let mut counts = BTreeMap::new();
@@ -91,6 +104,9 @@ impl TargetReport {
             answers_per_sec: recorder.answers() as f64 / seconds,
             reserve_requests_per_sec: reserve_all.len() as f64 / seconds,
             reservations_per_sec: recorder.count(Outcome::Reserved) as f64 / seconds,
+            selling_secs: recorder.last_reserved_at_secs,
+            reservations_per_sec_while_selling: recorder.count(Outcome::Reserved) as f64
+                / recorder.last_reserved_at_secs.max(1e-3),
             counts,
             errors,
             retries: recorder.retries,
@@ -98,6 +114,7 @@ impl TargetReport {
             timeline,
             error_samples: run.error_samples.clone(),
             abandoned_sessions: run.abandoned_sessions,
+            breakdown,
             audit,
         }
     }
@@ -111,6 +128,8 @@ pub struct Ratio {
     pub throughput: f64,
     /// p99 of all reservation requests, this target over the other (< 1 is better).
     pub p99: Option<f64>,
+    /// Reservations per second while stock lasted, this target over the other.
+    pub selling: Option<f64>,
 }
 
 /// A throughput measured outside the harness (nginx serving a static file to wrk).
@@ -132,6 +151,8 @@ pub struct DropReport {
     pub mode: Mode,
     pub targets: Vec<TargetReport>,
     pub ceiling: Option<Ceiling>,
+    /// wrk runs made outside the harness against keydrop and the baselines.
+    pub wrk: Vec<Ceiling>,
     pub ratios: Vec<Ratio>,
     pub passed: bool,
 }
@@ -153,10 +174,34 @@ impl DropReport {
                         (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
                         _ => None,
                     },
+                    selling: Some(
+                        target.reservations_per_sec_while_selling
+                            / base.reservations_per_sec_while_selling.max(1e-9),
+                    ),
+                });
+            }
+        }
+        for run in self.wrk.iter().filter(|r| !is_baseline(&r.name)) {
+            for base in self.wrk.iter().filter(|r| is_baseline(&r.name)) {
+                ratios.push(Ratio {
+                    target: run.name.clone(),
+                    versus: base.name.clone(),
+                    throughput: run.requests_per_sec / base.requests_per_sec.max(1e-9),
+                    p99: None,
+                    selling: None,
                 });
             }
         }
         if let Some(ceiling) = &self.ceiling {
+            for run in &self.wrk {
+                ratios.push(Ratio {
+                    target: run.name.clone(),
+                    versus: ceiling.name.clone(),
+                    throughput: run.requests_per_sec / ceiling.requests_per_sec.max(1e-9),
+                    p99: None,
+                    selling: None,
+                });
+            }
             for target in &self.targets {
                 ratios.push(Ratio {
                     target: target.target.name.clone(),
@@ -164,6 +209,7 @@ impl DropReport {
                     throughput: target.reserve_requests_per_sec
                         / ceiling.requests_per_sec.max(1e-9),
                     p99: None,
+                    selling: None,
                 });
             }
         }
@@ -187,10 +233,11 @@ pub fn print_table(report: &DropReport) {
         report.mode
     );
     println!(
-        "\n{:<24} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
+        "\n{:<24} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
         "target",
         "req/s",
         "reserved/s",
+        "selling/s",
         "reserved",
         "sold_out",
         "limit",
@@ -203,10 +250,11 @@ pub fn print_table(report: &DropReport) {
     for t in &report.targets {
         let c = |name: &str| t.counts.get(name).copied().unwrap_or(0);
         println!(
-            "{:<24} {:>9.0} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
+            "{:<24} {:>9.0} {:>10.0} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
             t.target.name,
             t.reserve_requests_per_sec,
             t.reservations_per_sec,
+            t.reservations_per_sec_while_selling,
             c("reserved"),
             c("sold_out"),
             c("purchase_limit"),
@@ -249,6 +297,12 @@ pub fn print_table(report: &DropReport) {
             ceiling.name, ceiling.requests_per_sec, ceiling.command
         );
     }
+    for run in &report.wrk {
+        println!(
+            "  {:<22} wrk: {:.0} req/s ({})",
+            run.name, run.requests_per_sec, run.command
+        );
+    }
     if !report.ratios.is_empty() {
         println!(
             "\n{:<24} {:<24} {:>12} {:>10}",
@@ -262,6 +316,12 @@ pub fn print_table(report: &DropReport) {
                 r.throughput,
                 r.p99.map_or("-".to_string(), |p| format!("{p:.2}x"))
             );
+        }
+    }
+    for t in report.targets.iter().filter(|t| !t.breakdown.is_empty()) {
+        println!("\n{} breakdown ({:.1} s run):", t.target.name, t.seconds);
+        for (name, value) in &t.breakdown {
+            println!("  {name:<36} {value}");
         }
     }
     for t in &report.targets {

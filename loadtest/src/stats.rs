@@ -142,6 +142,9 @@ pub struct Recorder {
     pub timeline: Vec<Second>,
     /// Attempts beyond the first (timeouts and overload refusals retried).
     pub retries: u64,
+    /// When the last reservation was answered, in seconds into the run: the
+    /// window in which the stock was being sold.
+    pub last_reserved_at_secs: f64,
 }
 
 impl Recorder {
@@ -159,6 +162,7 @@ impl Recorder {
         slot.answers += 1;
         if outcome == Outcome::Reserved {
             slot.reserved += 1;
+            self.last_reserved_at_secs = self.last_reserved_at_secs.max(at_secs);
         }
         if outcome.is_error() {
             slot.errors += 1;
