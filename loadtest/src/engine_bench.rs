@@ -30,6 +30,9 @@ pub struct EngineArgs {
     /// Longest a drop phase may run.
     #[arg(long, default_value_t = 20)]
     max_secs: u64,
+    /// How long each open-loop latency phase runs (at half the closed-loop rate).
+    #[arg(long, default_value_t = 3)]
+    open_loop_secs: u64,
     /// How long the one-fsync-per-request baseline runs.
     #[arg(long, default_value_t = 3)]
     baseline_secs: u64,
@@ -215,6 +218,108 @@ async fn drive(
     }
 }
 
+/// Open loop: requests leave at `rate` per second whatever the answers do, and each
+/// latency is measured from its intended send time, so a stall shows up in every
+/// request it delayed (coordinated omission corrected, as wrk2 does).
+async fn drive_open_loop(
+    engine: &Engine,
+    skus: Arc<Vec<SkuId>>,
+    rate: f64,
+    duration: Duration,
+    name: &str,
+) -> PhaseReport {
+    let total = (rate * duration.as_secs_f64()) as u64;
+    let interval_ns = 1e9 / rate;
+    let (results_tx, mut results_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(u64, Result<(), bool>)>();
+    let collector = tokio::spawn(async move {
+        let mut histogram = new_histogram();
+        let (mut reserved, mut sold_out, mut errors) = (0u64, 0u64, 0u64);
+        while let Some((micros, outcome)) = results_rx.recv().await {
+            match outcome {
+                Ok(()) => {
+                    reserved += 1;
+                    histogram.saturating_record(micros.max(1));
+                }
+                Err(true) => sold_out += 1,
+                Err(false) => errors += 1,
+            }
+        }
+        (histogram, reserved, sold_out, errors)
+    });
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = ((started.elapsed().as_nanos() as f64 / interval_ns) as u64 + 1).min(total);
+        while sent < due {
+            let intended = started + Duration::from_nanos((sent as f64 * interval_ns) as u64);
+            let sku = skus[(sent as usize).wrapping_mul(2654435761) % skus.len()].clone();
+            let user = UserId::parse(format!("o{sent}")).expect("valid user id");
+            let (engine, results_tx) = (engine.clone(), results_tx.clone());
+            tokio::spawn(async move {
+                let result = engine
+                    .reserve(
+                        &sku,
+                        Reservation {
+                            user,
+                            device: None,
+                            idempotency: None,
+                        },
+                    )
+                    .await;
+                let micros = intended.elapsed().as_micros() as u64;
+                let outcome = match result {
+                    Ok(_) => Ok(()),
+                    Err(EngineError::Sku(SkuError::SoldOut)) => Err(true),
+                    Err(_) => Err(false),
+                };
+                let _ = results_tx.send((micros, outcome));
+            });
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    drop(results_tx);
+    let (histogram, reserved, sold_out, errors) = collector.await.expect("collector task");
+    let seconds = started.elapsed().as_secs_f64();
+    PhaseReport {
+        name: name.to_string(),
+        skus: skus.len(),
+        cards: total,
+        reserved,
+        sold_out,
+        errors,
+        seconds,
+        reservations_per_sec: reserved as f64 / seconds,
+        latency: Percentiles::of(&histogram),
+    }
+}
+
+/// The same drop at half the rate `closed` reached, open loop, on fresh stock.
+async fn half_rate_phase(
+    args: &EngineArgs,
+    root: &std::path::Path,
+    closed: &PhaseReport,
+) -> Result<PhaseReport> {
+    let name = format!("{}-open-loop-half-rate", closed.name);
+    let dir = root.join(&name);
+    let engine = open_engine(&dir, None).await?;
+    let rate = (closed.reservations_per_sec / 2.0).max(1.0);
+    let duration = Duration::from_secs(args.open_loop_secs);
+    let cards = (rate * duration.as_secs_f64()) as u64 + 1;
+    eprintln!("[{name}] stocking {cards} cards on {} SKU(s)…", closed.skus);
+    let ids = stock(&engine, &name, closed.skus, cards).await?;
+    eprintln!(
+        "[{name}] {rate:.0} requests/s for {} s…",
+        args.open_loop_secs
+    );
+    let report = drive_open_loop(&engine, Arc::new(ids), rate, duration, &name).await;
+    engine.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    print_phase(&report);
+    Ok(report)
+}
+
 async fn phase(
     args: &EngineArgs,
     root: &std::path::Path,
@@ -317,9 +422,11 @@ async fn run_async(args: EngineArgs) -> Result<()> {
         }
     };
     let max = Duration::from_secs(args.max_secs);
-    let mut phases = Vec::new();
-    phases.push(phase(&args, &root, "spread", args.skus, args.cards, None, max).await?);
-    phases.push(phase(&args, &root, "hot", 1, args.cards, None, max).await?);
+    let spread = phase(&args, &root, "spread", args.skus, args.cards, None, max).await?;
+    let spread_half = half_rate_phase(&args, &root, &spread).await?;
+    let hot = phase(&args, &root, "hot", 1, args.cards, None, max).await?;
+    let hot_half = half_rate_phase(&args, &root, &hot).await?;
+    let baseline_max = Duration::from_secs(args.baseline_secs);
     let baseline = phase(
         &args,
         &root,
@@ -327,11 +434,11 @@ async fn run_async(args: EngineArgs) -> Result<()> {
         1,
         args.cards,
         Some(1),
-        Duration::from_secs(args.baseline_secs),
+        baseline_max,
     )
     .await?;
-    let gain = phases[1].reservations_per_sec / baseline.reservations_per_sec.max(1.0);
-    phases.push(baseline);
+    let gain = hot.reservations_per_sec / baseline.reservations_per_sec.max(1.0);
+    let phases = vec![spread, spread_half, hot, hot_half, baseline];
     let recovery = if args.recovery_cards > 0 {
         Some(
             recovery(
@@ -367,12 +474,12 @@ async fn run_async(args: EngineArgs) -> Result<()> {
 fn print_table(report: &Report) {
     println!("keydrop-load engine — {}", report.durability);
     println!(
-        "{:<24} {:>6} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
+        "{:<34} {:>6} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
         "phase", "skus", "cards", "reserved", "per second", "p50", "p99", "p99.9"
     );
     for p in &report.phases {
         println!(
-            "{:<24} {:>6} {:>9} {:>10} {:>12.0} {:>9} {:>9} {:>9}",
+            "{:<34} {:>6} {:>9} {:>10} {:>12.0} {:>9} {:>9} {:>9}",
             p.name,
             p.skus,
             p.cards,
