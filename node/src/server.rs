@@ -86,6 +86,22 @@ pub async fn run(
     };
     state.set_engine(engine.clone());
     tracing::info!("ready");
+    if engine.key_ring().key_ids().len() > 1 {
+        // Older keys are listed only while rotating: re-seal every card under the
+        // newest key in the background, so the old ones can then be dropped.
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            match engine.rotate_keys().await {
+                Ok(resealed) => tracing::info!(
+                    resealed,
+                    "key rotation done; older master keys can now be removed"
+                ),
+                Err(error) => {
+                    tracing::error!(%error, "key rotation stopped; it resumes at the next start")
+                }
+            }
+        });
+    }
     spawn_upkeep(state.clone(), stop_rx.clone());
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
