@@ -65,6 +65,12 @@ impl Node {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Sets (or replaces) a `KEYDROP_*` setting for the next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(existing, _)| existing != name);
+        self.env.push((name.to_string(), value.to_string()));
+    }
+
     /// A command line for the binary with this node's environment (for CLI tests).
     pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_keydrop"));
