@@ -204,6 +204,11 @@ impl Actor for SkuActor {
             SkuMsg::Snapshot(reply) => {
                 if state.poisoned {
                     let _ = reply.send(Err(EngineError::SkuUnavailable));
+                } else if state.records_since_snapshot == 0 {
+                    // The last snapshot (or creation) already covers everything.
+                    state.after_durable(Box::new(move |durable| {
+                        let _ = reply.send(durable);
+                    }));
                 } else {
                     state.write_snapshot(Some(reply));
                 }

@@ -273,6 +273,7 @@ impl Engine {
             .await
             .map_err(EngineError::from_journal)?;
         let view = sku.view(now);
+        // One record (the definition) not covered by any snapshot yet.
         self.spawn_actor(sku, 1, 1).await?;
         tracing::info!(sku = %id, "SKU created");
         Ok((view, true))
@@ -566,12 +567,17 @@ impl Engine {
             return;
         }
         let handles: Vec<SkuHandle> = self.inner.skus.iter().map(|h| h.clone()).collect();
+        // Ask every actor first, then wait: the snapshots share group commits.
+        let mut pending = Vec::new();
         for handle in handles.iter().filter(|_| snapshot) {
             let (tx, rx) = oneshot::channel();
             if handle.actor.send_message(SkuMsg::Snapshot(tx)).is_ok() {
-                if let Ok(Err(error)) = rx.await {
-                    tracing::warn!(sku = %handle.shared.id, %error, "no snapshot at shutdown");
-                }
+                pending.push((handle.shared.id.clone(), rx));
+            }
+        }
+        for (sku, rx) in pending {
+            if let Ok(Err(error)) = rx.await {
+                tracing::warn!(%sku, %error, "no snapshot at shutdown");
             }
         }
         for handle in &handles {
