@@ -305,16 +305,23 @@ pub fn print_table(report: &DropReport) {
     }
     if !report.ratios.is_empty() {
         println!(
-            "\n{:<24} {:<24} {:>12} {:>10}",
-            "target", "versus", "throughput", "p99"
+            "\nratios: req/s = reservation requests answered per second; selling/s = \
+             reservations per second while stock lasted; p99 of reservation requests \
+             (lower is better)"
         );
+        println!(
+            "{:<24} {:<24} {:>10} {:>10} {:>10}",
+            "target", "versus", "req/s", "selling/s", "p99"
+        );
+        let times = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}x"));
         for r in &report.ratios {
             println!(
-                "{:<24} {:<24} {:>11.2}x {:>10}",
+                "{:<24} {:<24} {:>9.2}x {:>10} {:>10}",
                 r.target,
                 r.versus,
                 r.throughput,
-                r.p99.map_or("-".to_string(), |p| format!("{p:.2}x"))
+                times(r.selling),
+                times(r.p99)
             );
         }
     }
