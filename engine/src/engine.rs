@@ -163,6 +163,11 @@ impl Engine {
         self.inner.clock.now()
     }
 
+    /// What the journal writer has done since open: batches, requests, time spent.
+    pub fn journal_stats(&self) -> crate::journal::JournalStats {
+        self.inner.journal.stats()
+    }
+
     /// Writes waiting for the journal writer (for metrics and load shedding).
     pub fn journal_queue_depth(&self) -> usize {
         self.inner.journal.queue_depth()

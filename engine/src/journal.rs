@@ -112,6 +112,26 @@ impl Default for JournalOptions {
     }
 }
 
+/// Totals since the journal opened, for benchmarks and diagnostics: how much the
+/// writer batched and where its time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct JournalStats {
+    pub batches: u64,
+    pub requests: u64,
+    /// Time inside RocksDB's synced write (WAL append + fsync).
+    pub write_seconds: f64,
+    /// Time running completions (answering callers) after each write.
+    pub completion_seconds: f64,
+}
+
+#[derive(Default)]
+struct JournalCounters {
+    batches: AtomicU64,
+    requests: AtomicU64,
+    write_nanos: AtomicU64,
+    completion_nanos: AtomicU64,
+}
+
 /// Runs once the write it belongs to is durable, or has failed.
 pub type Completion = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
 
@@ -160,6 +180,7 @@ pub struct Journal {
     db: Arc<DB>,
     sender: mpsc::Sender<WriterMsg>,
     queued: Arc<AtomicUsize>,
+    counters: Arc<JournalCounters>,
     closed: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -196,21 +217,34 @@ impl Journal {
         let db = Arc::new(db);
         let (sender, receiver) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let counters = Arc::new(JournalCounters::default());
         let writer = {
             let db = Arc::clone(&db);
             let queued = Arc::clone(&queued);
+            let counters = Arc::clone(&counters);
             std::thread::Builder::new()
                 .name("keydrop-journal".into())
-                .spawn(move || run_writer(&db, &receiver, &queued, &options, &resync))
+                .spawn(move || run_writer(&db, &receiver, &queued, &counters, &options, &resync))
                 .map_err(|e| open_error(e.to_string()))?
         };
         Ok(Journal {
             db,
             sender,
             queued,
+            counters,
             closed: AtomicBool::new(false),
             writer: Mutex::new(Some(writer)),
         })
+    }
+
+    pub fn stats(&self) -> JournalStats {
+        let c = &self.counters;
+        JournalStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            write_seconds: c.write_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            completion_seconds: c.completion_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
     }
 
     /// Writes waiting for the writer thread.
@@ -489,6 +523,7 @@ fn run_writer(
     db: &DB,
     receiver: &mpsc::Receiver<WriterMsg>,
     queued: &AtomicUsize,
+    counters: &JournalCounters,
     options: &JournalOptions,
     resync: &tokio::sync::mpsc::UnboundedSender<(SkuId, u64)>,
 ) {
@@ -555,16 +590,27 @@ fn run_writer(
         } else {
             db.write_opt(batch, &sync).map_err(|e| e.to_string())
         };
-        metrics::histogram!("keydrop_journal_fsync_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let write_time = started.elapsed();
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters
+            .requests
+            .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+        counters
+            .write_nanos
+            .fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
+        metrics::histogram!("keydrop_journal_fsync_seconds").record(write_time.as_secs_f64());
         metrics::histogram!("keydrop_journal_batch_requests").record(accepted.len() as f64);
         queued.fetch_sub(taken, Ordering::Relaxed);
         metrics::gauge!("keydrop_journal_queue_depth").set(queued.load(Ordering::Relaxed) as f64);
+        let completing = Instant::now();
         match result {
             Ok(()) => {
                 for write in accepted {
                     (write.done)(Ok(()));
                 }
+                counters
+                    .completion_nanos
+                    .fetch_add(completing.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             Err(message) => {
                 metrics::counter!("keydrop_journal_write_failures_total").increment(1);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
+use keydrop_engine::journal::JournalStats;
 use keydrop_engine::{
     CardSecret, CardSerial, Engine, EngineConfig, EngineError, KeyRing, Reservation, SkuDef,
     SkuError, SkuId, UserId,
@@ -61,6 +62,28 @@ struct PhaseReport {
     seconds: f64,
     reservations_per_sec: f64,
     latency: Percentiles,
+    journal: Option<WriterBreakdown>,
+}
+
+/// Where the journal writer's time went during a phase.
+#[derive(Debug, Serialize)]
+struct WriterBreakdown {
+    batches: u64,
+    requests_per_batch: f64,
+    /// Share of the phase the writer spent in RocksDB's synced write (WAL + fsync).
+    write_share: f64,
+    /// Share spent answering callers after each write.
+    completion_share: f64,
+}
+
+fn writer_breakdown(before: JournalStats, after: JournalStats, seconds: f64) -> WriterBreakdown {
+    let batches = after.batches - before.batches;
+    WriterBreakdown {
+        batches,
+        requests_per_batch: (after.requests - before.requests) as f64 / batches.max(1) as f64,
+        write_share: (after.write_seconds - before.write_seconds) / seconds,
+        completion_share: (after.completion_seconds - before.completion_seconds) / seconds,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -215,6 +238,7 @@ async fn drive(
         seconds,
         reservations_per_sec: reserved as f64 / seconds,
         latency: Percentiles::of(&histogram),
+        journal: None,
     }
 }
 
@@ -292,6 +316,7 @@ async fn drive_open_loop(
         seconds,
         reservations_per_sec: reserved as f64 / seconds,
         latency: Percentiles::of(&histogram),
+        journal: None,
     }
 }
 
@@ -313,7 +338,13 @@ async fn half_rate_phase(
         "[{name}] {rate:.0} requests/s for {} s…",
         args.open_loop_secs
     );
-    let report = drive_open_loop(&engine, Arc::new(ids), rate, duration, &name).await;
+    let before = engine.journal_stats();
+    let mut report = drive_open_loop(&engine, Arc::new(ids), rate, duration, &name).await;
+    report.journal = Some(writer_breakdown(
+        before,
+        engine.journal_stats(),
+        report.seconds,
+    ));
     engine.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     print_phase(&report);
@@ -334,7 +365,13 @@ async fn phase(
     eprintln!("[{name}] stocking {cards} cards on {skus} SKU(s)…");
     let ids = stock(&engine, name, skus, cards).await?;
     eprintln!("[{name}] running…");
-    let report = drive(&engine, Arc::new(ids), cards, args.concurrency, max, name).await;
+    let before = engine.journal_stats();
+    let mut report = drive(&engine, Arc::new(ids), cards, args.concurrency, max, name).await;
+    report.journal = Some(writer_breakdown(
+        before,
+        engine.journal_stats(),
+        report.seconds,
+    ));
     engine.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     print_phase(&report);
@@ -355,6 +392,16 @@ fn print_phase(p: &PhaseReport) {
         p.sold_out,
         p.errors
     );
+    if let Some(j) = &p.journal {
+        eprintln!(
+            "[{}] journal: {} batches, {:.0} requests/batch; writer busy {:.0}% in synced writes, {:.0}% answering",
+            p.name,
+            j.batches,
+            j.requests_per_batch,
+            j.write_share * 100.0,
+            j.completion_share * 100.0
+        );
+    }
 }
 
 async fn recovery(
@@ -474,12 +521,24 @@ async fn run_async(args: EngineArgs) -> Result<()> {
 fn print_table(report: &Report) {
     println!("keydrop-load engine — {}", report.durability);
     println!(
-        "{:<34} {:>6} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
-        "phase", "skus", "cards", "reserved", "per second", "p50", "p99", "p99.9"
+        "{:<34} {:>6} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "phase",
+        "skus",
+        "cards",
+        "reserved",
+        "per second",
+        "p50",
+        "p99",
+        "p99.9",
+        "req/batch",
+        "in sync"
     );
     for p in &report.phases {
+        let (per_batch, sync_share) = p.journal.as_ref().map_or((0.0, 0.0), |j| {
+            (j.requests_per_batch, j.write_share * 100.0)
+        });
         println!(
-            "{:<34} {:>6} {:>9} {:>10} {:>12.0} {:>9} {:>9} {:>9}",
+            "{:<34} {:>6} {:>9} {:>10} {:>12.0} {:>9} {:>9} {:>9} {:>9.0} {:>6.0}%",
             p.name,
             p.skus,
             p.cards,
@@ -487,7 +546,9 @@ fn print_table(report: &Report) {
             p.reservations_per_sec,
             format_us(p.latency.p50_us),
             format_us(p.latency.p99_us),
-            format_us(p.latency.p999_us)
+            format_us(p.latency.p999_us),
+            per_batch,
+            sync_share
         );
     }
     println!(
