@@ -141,6 +141,10 @@ fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
                 }
                 _ = upkeep.tick() => {
                     state.metrics.run_upkeep();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    state.callbacks_seen.purge(now);
                     if let Some(engine) = state.engine_if_ready() {
                         state.sku_gauges.refresh(engine);
                     }

@@ -6,8 +6,9 @@
 //! constant-time. Several `v1=` entries are accepted (a provider rotating its secret
 //! signs with both), and one match suffices.
 
+use dashmap::DashMap;
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// How far a callback's `t` may be from our clock, either way. Wide enough for clock
@@ -29,6 +30,50 @@ pub enum SignatureError {
     Stale,
     #[error("signature does not match")]
     Mismatch,
+    #[error("signed callback replayed against another order")]
+    Replayed,
+}
+
+/// Signed callbacks remembered at most: past this, the oldest are dropped early.
+const REMEMBERED_CALLBACKS_MAX: usize = 1_000_000;
+
+/// The signature covers the body, not the order id in the URL, so on its own a
+/// captured callback could be replayed against another order within the
+/// [`SIGNATURE_AGE_SECS_MAX`] window. The guard remembers which order each signed
+/// callback was accepted for, for as long as its timestamp stays valid: the same
+/// callback again (a provider retry) passes, the same callback for another order
+/// does not.
+#[derive(Default)]
+pub struct ReplayGuard {
+    seen: DashMap<[u8; 32], ([u8; 16], i64)>,
+}
+
+impl ReplayGuard {
+    pub fn check(&self, t: i64, body: &[u8], order: &[u8; 16]) -> Result<(), SignatureError> {
+        let key: [u8; 32] = Sha256::new()
+            .chain_update(t.to_be_bytes())
+            .chain_update(body)
+            .finalize()
+            .into();
+        if self.seen.len() >= REMEMBERED_CALLBACKS_MAX {
+            self.forget_older_than(t - SIGNATURE_AGE_SECS_MAX);
+        }
+        let entry = self.seen.entry(key).or_insert((*order, t));
+        if entry.0 == *order {
+            Ok(())
+        } else {
+            Err(SignatureError::Replayed)
+        }
+    }
+
+    /// Forgets callbacks whose timestamps can no longer pass [`verify`].
+    pub fn purge(&self, now_unix_secs: i64) {
+        self.forget_older_than(now_unix_secs - 2 * SIGNATURE_AGE_SECS_MAX);
+    }
+
+    fn forget_older_than(&self, t_min: i64) {
+        self.seen.retain(|_, (_, t)| *t >= t_min);
+    }
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -53,7 +98,7 @@ pub fn verify(
     header: Option<&[u8]>,
     body: &[u8],
     now_unix_secs: i64,
-) -> Result<(), SignatureError> {
+) -> Result<i64, SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
     if header.len() > HEADER_BYTES_MAX {
         return Err(SignatureError::Malformed);
@@ -99,7 +144,7 @@ pub fn verify(
         any | tag.ct_eq(&expected)
     });
     if bool::from(matched) {
-        Ok(())
+        Ok(t)
     } else {
         Err(SignatureError::Mismatch)
     }
@@ -116,15 +161,15 @@ mod tests {
     fn signed_body_verifies() {
         let body = br#"{"payment_ref":"p1","amount_cents":500}"#;
         let header = sign(SECRET, NOW, body);
-        assert_eq!(verify(SECRET, Some(header.as_bytes()), body, NOW), Ok(()));
+        assert_eq!(verify(SECRET, Some(header.as_bytes()), body, NOW), Ok(NOW));
         // Within the window either way.
         assert_eq!(
             verify(SECRET, Some(header.as_bytes()), body, NOW + 300),
-            Ok(())
+            Ok(NOW)
         );
         assert_eq!(
             verify(SECRET, Some(header.as_bytes()), body, NOW - 300),
-            Ok(())
+            Ok(NOW)
         );
     }
 
@@ -172,6 +217,21 @@ mod tests {
         let good = sign(SECRET, NOW, body);
         let good_tag = good.split("v1=").nth(1).unwrap();
         let header = format!("t={NOW},v1={},v1={good_tag}", "00".repeat(32));
-        assert_eq!(verify(SECRET, Some(header.as_bytes()), body, NOW), Ok(()));
+        assert_eq!(verify(SECRET, Some(header.as_bytes()), body, NOW), Ok(NOW));
+    }
+
+    #[test]
+    fn replay_guard_lets_retries_through_and_stops_other_orders() {
+        let guard = ReplayGuard::default();
+        let body = br#"{"payment_ref":"p","amount_cents":5}"#;
+        assert_eq!(guard.check(100, body, &[1; 16]), Ok(()));
+        assert_eq!(guard.check(100, body, &[1; 16]), Ok(()));
+        assert_eq!(
+            guard.check(100, body, &[2; 16]),
+            Err(SignatureError::Replayed)
+        );
+        assert_eq!(guard.check(101, body, &[2; 16]), Ok(()));
+        guard.purge(101 + 2 * SIGNATURE_AGE_SECS_MAX + 1);
+        assert!(guard.seen.is_empty());
     }
 }

@@ -52,6 +52,7 @@ pub struct Shared {
     pub admission: Admission,
     pub admin_token_digest: [u8; 32],
     pub payment_secret: Vec<u8>,
+    pub callbacks_seen: crate::signature::ReplayGuard,
     pub metrics: PrometheusHandle,
     pub sku_gauges: SkuGauges,
 }
@@ -75,6 +76,7 @@ impl AppState {
             admission,
             admin_token_digest: extract::token_digest(admin_token.as_bytes()),
             payment_secret,
+            callbacks_seen: crate::signature::ReplayGuard::default(),
             metrics,
             sku_gauges: SkuGauges::default(),
         }))

@@ -43,13 +43,24 @@ pub async fn confirm_payment(
     let body = read_body(&headers, body, PAYMENT_BODY_BYTES_MAX).await?;
     let now_secs = i64::try_from(engine.now().as_millis() / 1000).unwrap_or(i64::MAX);
     let presented = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
-    if let Err(reason) = signature::verify(&state.payment_secret, presented, &body, now_secs) {
-        // Debug, not info: anyone can send these. The metric shows a misconfigured secret.
-        tracing::debug!(%reason, "payment callback refused");
+    let signed_at = match signature::verify(&state.payment_secret, presented, &body, now_secs) {
+        Ok(t) => t,
+        Err(reason) => {
+            // Debug, not info: anyone can send these. The metric shows a misconfigured secret.
+            tracing::debug!(%reason, "payment callback refused");
+            metrics::counter!(PAYMENTS, "outcome" => "bad_signature").increment(1);
+            return Err(ApiError::BadSignature);
+        }
+    };
+    let OrderPath(order_id) = order?;
+    if let Err(reason) = state
+        .callbacks_seen
+        .check(signed_at, &body, order_id.as_bytes())
+    {
+        tracing::warn!(order = %order_id, %reason, "payment callback refused");
         metrics::counter!(PAYMENTS, "outcome" => "bad_signature").increment(1);
         return Err(ApiError::BadSignature);
     }
-    let OrderPath(order_id) = order?;
     let PaymentBody {
         payment_ref,
         amount_cents,
