@@ -260,6 +260,17 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
@@ -270,6 +281,7 @@ fn host_name() -> String {
 
 /// Runs every target of `args` and returns the report (audits included).
 pub async fn run_drop(args: &DropArgs) -> Result<DropReport> {
+    let loadavg_before = loadavg();
     let seed = args.seed.unwrap_or_else(random_seed);
     let spec = args.spec(seed);
     let crowd = Arc::new(Crowd::new(spec.clone())?);
@@ -430,6 +442,8 @@ pub async fn run_drop(args: &DropArgs) -> Result<DropReport> {
         host: host_name(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         generator: "keydrop-load in one process, 2 tokio worker threads, sharing the machine with the target".into(),
+        loadavg_before,
+        loadavg_after: loadavg(),
         drop: spec,
         mode,
         targets: reports,

@@ -147,6 +147,9 @@ pub struct DropReport {
     pub host: String,
     pub cores: usize,
     pub generator: String,
+    /// /proc/loadavg before and after the run: other work on the machine shows here.
+    pub loadavg_before: String,
+    pub loadavg_after: String,
     pub drop: DropSpec,
     pub mode: Mode,
     pub targets: Vec<TargetReport>,
@@ -223,6 +226,10 @@ fn is_baseline(name: &str) -> bool {
 
 pub fn print_table(report: &DropReport) {
     let spec = &report.drop;
+    println!(
+        "load average before: {}; after: {}",
+        report.loadavg_before, report.loadavg_after
+    );
     println!(
         "drop: {} cards on {} SKU(s) ({:?}), {} buyers, {:.0}% of winners pay; mode {:?}",
         spec.cards,
