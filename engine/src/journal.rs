@@ -177,7 +177,9 @@ pub struct RecoveryReport {
 }
 
 pub struct Journal {
-    db: Arc<DB>,
+    /// Taken out and dropped by [`Journal::close`], so the RocksDB folder is released
+    /// at close even while actors still hold this `Journal`.
+    db: std::sync::RwLock<Option<Arc<DB>>>,
     sender: mpsc::Sender<WriterMsg>,
     queued: Arc<AtomicUsize>,
     counters: Arc<JournalCounters>,
@@ -228,7 +230,7 @@ impl Journal {
                 .map_err(|e| open_error(e.to_string()))?
         };
         Ok(Journal {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             sender,
             queued,
             counters,
@@ -292,6 +294,16 @@ impl Journal {
         if let Some(writer) = self.writer.lock().expect("writer handle lock").take() {
             let _ = writer.join();
         }
+        // The writer held the only other handle; this closes the database.
+        drop(self.db.write().expect("db handle lock").take());
+    }
+
+    fn db(&self) -> Result<Arc<DB>, JournalError> {
+        self.db
+            .read()
+            .expect("db handle lock")
+            .clone()
+            .ok_or(JournalError::Closed)
     }
 
     /// Rebuilds every SKU: its snapshot, then the journal records after it. Refuses
@@ -301,10 +313,8 @@ impl Journal {
         let mut report = RecoveryReport::default();
         let mut corrupt = Vec::new();
         let mut skus: HashMap<SkuId, Replay> = HashMap::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_SNAPSHOTS), IteratorMode::Start)
-        {
+        let db = self.db()?;
+        for item in db.iterator_cf(cf(&db, CF_SNAPSHOTS), IteratorMode::Start) {
             let (key, value) = item.map_err(|e| JournalError::Read(e.to_string()))?;
             match decode_snapshot_entry(&key, &value) {
                 Ok((id, replay)) => {
@@ -314,10 +324,7 @@ impl Journal {
                 Err(record) => corrupt.push(record),
             }
         }
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
-        {
+        for item in db.iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start) {
             let (key, value) = item.map_err(|e| JournalError::Read(e.to_string()))?;
             let (id, seq) = match codec::parse_journal_key(&key) {
                 Ok(parsed) => parsed,
@@ -374,9 +381,9 @@ impl Journal {
 
     /// Rebuilds one SKU from disk, as [`Journal::recover`] does for all of them.
     pub fn load_sku(&self, id: &SkuId) -> Result<Option<RecoveredSku>, JournalError> {
-        let snapshot = self
-            .db
-            .get_cf(self.cf(CF_SNAPSHOTS), codec::snapshot_key(id))
+        let db = self.db()?;
+        let snapshot = db
+            .get_cf(cf(&db, CF_SNAPSHOTS), codec::snapshot_key(id))
             .map_err(|e| JournalError::Read(e.to_string()))?;
         let mut replay = match snapshot {
             Some(value) => {
@@ -393,7 +400,7 @@ impl Journal {
         };
         let prefix = codec::journal_prefix(id);
         let mode = IteratorMode::From(&prefix, Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_JOURNAL), mode) {
+        for item in db.iterator_cf(cf(&db, CF_JOURNAL), mode) {
             let (key, value) = item.map_err(|e| JournalError::Read(e.to_string()))?;
             if !key.starts_with(&prefix) {
                 break;
@@ -427,16 +434,15 @@ impl Journal {
         seq: u64,
         bytes: &[u8],
     ) -> Result<(), JournalError> {
-        self.db
-            .put_cf(self.cf(CF_JOURNAL), codec::journal_key(sku, seq), bytes)
+        let db = self.db()?;
+        db.put_cf(cf(&db, CF_JOURNAL), codec::journal_key(sku, seq), bytes)
             .map_err(|e| JournalError::Write(e.to_string()))
     }
+}
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column families are created at open")
-    }
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .expect("column families are created at open")
 }
 
 impl Drop for Journal {
