@@ -517,6 +517,12 @@ impl Sku {
                 self.touch(*at);
             }
             Event::CardsImported { cards, at } => {
+                // Every card will be ordered at least once in a drop: grow the maps now,
+                // at import, rather than rehash a million entries in the middle of it.
+                self.orders.reserve(cards.len());
+                self.user_live_orders.reserve(cards.len());
+                self.serial_index.reserve(cards.len());
+                self.cards.reserve(cards.len());
                 for card in cards {
                     let index = CardIndex::try_from(self.cards.len())
                         .expect("card count bounded by CARDS_PER_SKU_MAX");
