@@ -212,6 +212,10 @@ impl Journal {
             let mut cf_options = Options::default();
             cf_options.set_compression_type(DBCompressionType::Lz4);
             cf_options.set_write_buffer_size(64 << 20);
+            // A drop writes faster than two cores flush: with RocksDB's default of two
+            // memtables, a full one waiting for its flush stalls every write (and so
+            // every buyer) for hundreds of milliseconds.
+            cf_options.set_max_write_buffer_number(6);
             ColumnFamilyDescriptor::new(name, cf_options)
         };
         let db = DB::open_cf_descriptors(&db_options, path, vec![cf(CF_JOURNAL), cf(CF_SNAPSHOTS)])
