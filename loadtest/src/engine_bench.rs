@@ -76,6 +76,31 @@ struct WriterBreakdown {
     completion_share: f64,
 }
 
+impl PhaseReport {
+    fn new(
+        name: &str,
+        skus: usize,
+        cards: u64,
+        counts: (u64, u64, u64),
+        seconds: f64,
+        histogram: &Histogram<u64>,
+    ) -> Self {
+        let (reserved, sold_out, errors) = counts;
+        PhaseReport {
+            name: name.to_string(),
+            skus,
+            cards,
+            reserved,
+            sold_out,
+            errors,
+            seconds,
+            reservations_per_sec: reserved as f64 / seconds,
+            latency: Percentiles::of(histogram),
+            journal: None,
+        }
+    }
+}
+
 fn writer_breakdown(before: JournalStats, after: JournalStats, seconds: f64) -> WriterBreakdown {
     let batches = after.batches - before.batches;
     WriterBreakdown {
@@ -226,20 +251,15 @@ async fn drive(
             errors += e;
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let reserved = reserved.load(Ordering::Relaxed);
-    PhaseReport {
-        name: name.to_string(),
-        skus: skus.len(),
+    let counts = (reserved.load(Ordering::Relaxed), sold_out, errors);
+    PhaseReport::new(
+        name,
+        skus.len(),
         cards,
-        reserved,
-        sold_out,
-        errors,
-        seconds,
-        reservations_per_sec: reserved as f64 / seconds,
-        latency: Percentiles::of(&histogram),
-        journal: None,
-    }
+        counts,
+        started.elapsed().as_secs_f64(),
+        &histogram,
+    )
 }
 
 /// Open loop: requests leave at `rate` per second whatever the answers do, and each
@@ -305,19 +325,48 @@ async fn drive_open_loop(
     }
     drop(results_tx);
     let (histogram, reserved, sold_out, errors) = collector.await.expect("collector task");
-    let seconds = started.elapsed().as_secs_f64();
-    PhaseReport {
-        name: name.to_string(),
-        skus: skus.len(),
-        cards: total,
-        reserved,
-        sold_out,
-        errors,
-        seconds,
-        reservations_per_sec: reserved as f64 / seconds,
-        latency: Percentiles::of(&histogram),
-        journal: None,
-    }
+    let counts = (reserved, sold_out, errors);
+    PhaseReport::new(
+        name,
+        skus.len(),
+        total,
+        counts,
+        started.elapsed().as_secs_f64(),
+        &histogram,
+    )
+}
+
+/// A fresh engine in its own folder, stocked with `cards` on `skus` SKUs.
+async fn stocked_engine(
+    root: &std::path::Path,
+    name: &str,
+    skus: usize,
+    cards: u64,
+    batch: Option<usize>,
+) -> Result<(Engine, Vec<SkuId>, PathBuf)> {
+    let dir = root.join(name);
+    let engine = open_engine(&dir, batch).await?;
+    eprintln!("[{name}] stocking {cards} cards on {skus} SKU(s)…");
+    let ids = stock(&engine, name, skus, cards).await?;
+    Ok((engine, ids, dir))
+}
+
+/// Adds the journal breakdown since `before`, stops the engine, removes its folder.
+async fn finish_phase(
+    engine: Engine,
+    dir: PathBuf,
+    before: JournalStats,
+    mut report: PhaseReport,
+) -> PhaseReport {
+    report.journal = Some(writer_breakdown(
+        before,
+        engine.journal_stats(),
+        report.seconds,
+    ));
+    engine.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    print_phase(&report);
+    report
 }
 
 /// The same drop at half the rate `closed` reached, open loop, on fresh stock.
@@ -327,28 +376,17 @@ async fn half_rate_phase(
     closed: &PhaseReport,
 ) -> Result<PhaseReport> {
     let name = format!("{}-open-loop-half-rate", closed.name);
-    let dir = root.join(&name);
-    let engine = open_engine(&dir, None).await?;
     let rate = (closed.reservations_per_sec / 2.0).max(1.0);
     let duration = Duration::from_secs(args.open_loop_secs);
     let cards = (rate * duration.as_secs_f64()) as u64 + 1;
-    eprintln!("[{name}] stocking {cards} cards on {} SKU(s)…", closed.skus);
-    let ids = stock(&engine, &name, closed.skus, cards).await?;
+    let (engine, ids, dir) = stocked_engine(root, &name, closed.skus, cards, None).await?;
     eprintln!(
         "[{name}] {rate:.0} requests/s for {} s…",
         args.open_loop_secs
     );
     let before = engine.journal_stats();
-    let mut report = drive_open_loop(&engine, Arc::new(ids), rate, duration, &name).await;
-    report.journal = Some(writer_breakdown(
-        before,
-        engine.journal_stats(),
-        report.seconds,
-    ));
-    engine.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    print_phase(&report);
-    Ok(report)
+    let report = drive_open_loop(&engine, Arc::new(ids), rate, duration, &name).await;
+    Ok(finish_phase(engine, dir, before, report).await)
 }
 
 async fn phase(
@@ -360,22 +398,11 @@ async fn phase(
     batch: Option<usize>,
     max: Duration,
 ) -> Result<PhaseReport> {
-    let dir = root.join(name);
-    let engine = open_engine(&dir, batch).await?;
-    eprintln!("[{name}] stocking {cards} cards on {skus} SKU(s)…");
-    let ids = stock(&engine, name, skus, cards).await?;
+    let (engine, ids, dir) = stocked_engine(root, name, skus, cards, batch).await?;
     eprintln!("[{name}] running…");
     let before = engine.journal_stats();
-    let mut report = drive(&engine, Arc::new(ids), cards, args.concurrency, max, name).await;
-    report.journal = Some(writer_breakdown(
-        before,
-        engine.journal_stats(),
-        report.seconds,
-    ));
-    engine.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    print_phase(&report);
-    Ok(report)
+    let report = drive(&engine, Arc::new(ids), cards, args.concurrency, max, name).await;
+    Ok(finish_phase(engine, dir, before, report).await)
 }
 
 fn print_phase(p: &PhaseReport) {
