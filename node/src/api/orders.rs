@@ -16,7 +16,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keydrop_engine::{
-    DeviceId, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation, UserId,
+    DeviceId, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation, SkuError,
+    SkuStatus, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -138,7 +139,15 @@ async fn reserve(
         None => return Err(ApiError::SkuNotFound),
         Some(0) if key.is_none() => {
             metrics::counter!(ORDERS_SHED).increment(1);
-            return Err(ApiError::SoldOut);
+            // Out of stock, but a SKU outside its sale window answers as the actor
+            // would: not on sale, whatever its stock.
+            let status = engine.sku(&sku).map(|view| view.status);
+            return Err(match status {
+                Some(status @ (SkuStatus::Scheduled | SkuStatus::Ended)) => {
+                    ApiError::from(SkuError::NotOnSale { status })
+                }
+                _ => ApiError::SoldOut,
+            });
         }
         Some(_) => {}
     }
