@@ -181,7 +181,10 @@ impl<T: Target> Session<T> {
                 sku: buyer.sku,
                 id: order_id,
             },
-            None => {
+            // No answer, or a failed exchange (a reset connection, a 5xx): the
+            // request may have reached the target and reserved a card all the same,
+            // as a payment or cancellation in the same state counts as unknown.
+            None | Some(Answer::Error(_)) => {
                 let _ = self
                     .reports
                     .send(Report::ReservationUnknown { sku: buyer.sku });
