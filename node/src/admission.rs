@@ -100,11 +100,30 @@ pub struct Admission {
     per_device: Option<Limiter<u64>>,
     trusted_proxies: Vec<IpAddr>,
     hasher: std::hash::RandomState,
+    /// Slots for order requests being served; `None` when unbounded.
+    order_slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl Admission {
+    /// A slot for one order request, or `None` when all are taken: the caller
+    /// answers 503 at once. The slot frees itself when dropped.
+    pub fn order_slot(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        match &self.order_slots {
+            None => Some(None),
+            Some(slots) => std::sync::Arc::clone(slots)
+                .try_acquire_owned()
+                .ok()
+                .map(Some),
+        }
+    }
+
     pub fn new(config: &Config) -> Self {
         Admission {
+            order_slots: (config.orders_in_flight_max > 0).then(|| {
+                std::sync::Arc::new(tokio::sync::Semaphore::new(
+                    config.orders_in_flight_max as usize,
+                ))
+            }),
             per_user: Limiter::new(Scope::User, config.rate_per_user, config.burst_per_user),
             per_ip: Limiter::new(Scope::Ip, config.rate_per_ip, config.burst_per_ip),
             per_device: Limiter::new(

@@ -43,6 +43,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a shutdown waits for in-flight requests before it stops anyway.
     pub shutdown_grace_secs: u64,
+    /// Order requests being served at once; past it, new ones get 503 `overloaded`
+    /// at once instead of queueing in front of the engine. 0 turns the bound off.
+    pub orders_in_flight_max: u32,
 }
 
 impl Default for Config {
@@ -64,6 +67,7 @@ impl Default for Config {
             log: "info".to_owned(),
             log_format: LogFormat::Text,
             shutdown_grace_secs: 30,
+            orders_in_flight_max: 1024,
         }
     }
 }
@@ -182,6 +186,9 @@ impl Config {
         }
         if let Some(v) = get("KEYDROP_SHUTDOWN_GRACE_SECS") {
             self.shutdown_grace_secs = parse("KEYDROP_SHUTDOWN_GRACE_SECS", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_MAX") {
+            self.orders_in_flight_max = parse("KEYDROP_ORDERS_IN_FLIGHT_MAX", &v)?;
         }
         Ok(())
     }

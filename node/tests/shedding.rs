@@ -30,3 +30,50 @@ async fn out_of_stock_outside_the_window_is_not_on_sale_and_inside_is_sold_out()
     assert_eq!(body["error"], "sold_out", "{body}");
     assert!(node.metric("keydrop_orders_shed_total").await >= 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_past_the_in_flight_bound_get_503_at_once() {
+    let node = Node::start(&[
+        ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "1"),
+        ("KEYDROP_RATE_PER_IP", "0"),
+    ])
+    .await;
+    node.sku_with_cards("busy", on_sale(100, 1, 60), &cards("B", 400))
+        .await;
+    let requests = (0..300).map(|i| {
+        let (http, url) = (node.http.clone(), node.at("/v1/skus/busy/orders"));
+        tokio::spawn(async move {
+            let response = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(json!({"user_id": format!("buyer-{i}")}).to_string())
+                .send()
+                .await
+                .expect("answer");
+            let status = response.status();
+            let retry_after = response.headers().contains_key("retry-after");
+            let body: serde_json::Value = response.json().await.expect("JSON body");
+            (status, retry_after, body)
+        })
+    });
+    let (mut created, mut overloaded) = (0u64, 0u64);
+    for request in requests.collect::<Vec<_>>() {
+        let (status, retry_after, body) = request.await.expect("request task");
+        match status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["error"], "overloaded", "{body}");
+                assert!(retry_after, "503 carries Retry-After");
+                overloaded += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        overloaded > 0,
+        "300 concurrent orders never found the one slot taken"
+    );
+    assert_eq!(created + overloaded, 300);
+    let (_, sku) = node.get("/v1/skus/busy").await;
+    assert_eq!(sku["reserved"], created, "{sku}");
+}

@@ -76,7 +76,16 @@ pub async fn create_order(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let outcome = reserve(&state, ip, sku, &headers, body).await;
+    // Bounded before any work: past the bound a buyer is told to come back (503 with
+    // Retry-After) rather than wait behind a queue that cannot drain in time.
+    let outcome = match state.admission.order_slot() {
+        Some(slot) => {
+            let outcome = reserve(&state, ip, sku, &headers, body).await;
+            drop(slot);
+            outcome
+        }
+        None => Err(ApiError::Overloaded),
+    };
     let label = match &outcome {
         Ok(view) if view.replayed => "replayed",
         Ok(_) => "reserved",
