@@ -42,13 +42,18 @@ pub fn write(targets: &[TargetReport], stem: &Path) -> Result<Vec<PathBuf>> {
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-fn throughput_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
-    let seconds = targets
+/// The x axis of both charts: the longest target's timeline, at least one second.
+fn run_seconds(targets: &[TargetReport]) -> usize {
+    targets
         .iter()
         .map(|t| t.timeline.len())
         .max()
         .unwrap_or(1)
-        .max(1);
+        .max(1)
+}
+
+fn throughput_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
+    let seconds = run_seconds(targets);
     let peak = targets
         .iter()
         .flat_map(|t| t.timeline.iter().map(|s| s.answers))
@@ -88,12 +93,7 @@ fn throughput_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
 }
 
 fn latency_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
-    let seconds = targets
-        .iter()
-        .map(|t| t.timeline.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let seconds = run_seconds(targets);
     let worst_ms = targets
         .iter()
         .flat_map(|t| t.timeline.iter().map(|s| s.reserve_p99_us))

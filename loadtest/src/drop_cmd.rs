@@ -493,13 +493,7 @@ pub fn main(args: DropArgs) -> Result<()> {
     let report = runtime.block_on(run_drop(&args))?;
     report::print_table(&report);
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        if path == "-" {
-            println!("{text}");
-        } else {
-            std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
-            eprintln!("wrote {path}");
-        }
+        crate::stats::write_json(path, &report)?;
     }
     if let Some(stem) = &args.charts {
         for path in crate::charts::write(&report.targets, stem)? {

@@ -535,12 +535,7 @@ async fn run_async(args: EngineArgs) -> Result<()> {
     };
     print_table(&report);
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        if path == "-" {
-            println!("{text}");
-        } else {
-            std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
-        }
+        crate::stats::write_json(path, &report)?;
     }
     Ok(())
 }

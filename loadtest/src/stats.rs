@@ -1,5 +1,6 @@
-//! Latency recording and the printed tables.
+//! Latency recording, the printed tables and the JSON reports.
 
+use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -194,6 +195,18 @@ impl Recorder {
         }
         all
     }
+}
+
+/// Writes a report as pretty JSON to `path`, or to stdout when `path` is `-`.
+pub fn write_json(path: &str, report: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    if path == "-" {
+        println!("{text}");
+    } else {
+        std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
