@@ -169,6 +169,12 @@ impl Sku {
         self.orders.len()
     }
 
+    /// Orders and buyers the maps hold without growing.
+    #[cfg(test)]
+    fn order_room(&self) -> (usize, usize) {
+        (self.orders.capacity(), self.user_live_orders.capacity())
+    }
+
     /// The card of a paid order, still sealed: only paid orders reveal.
     pub fn reveal(&self, order_id: &OrderId) -> Result<RevealedCard, SkuError> {
         let order = self.orders.get(order_id).ok_or(SkuError::OrderNotFound)?;
@@ -519,8 +525,13 @@ impl Sku {
             Event::CardsImported { cards, at } => {
                 // Every card will be ordered at least once in a drop: grow the maps now,
                 // at import, rather than rehash a million entries in the middle of it.
-                self.orders.reserve(cards.len());
-                self.user_live_orders.reserve(cards.len());
+                // `reserve` counts from each map's length, and stock arrives in many
+                // batches while `orders` is still empty: size each map for the whole
+                // stock, not for this batch.
+                let stock = self.cards.len() + cards.len();
+                self.orders.reserve(stock.saturating_sub(self.orders.len()));
+                self.user_live_orders
+                    .reserve(stock.saturating_sub(self.user_live_orders.len()));
                 self.serial_index.reserve(cards.len());
                 self.cards.reserve(cards.len());
                 for card in cards {

@@ -302,6 +302,22 @@ fn scenario_wrong_amount_is_refused_and_order_stays_payable() {
 }
 
 #[test]
+fn stock_imported_in_batches_sizes_the_order_maps_for_all_of_it() {
+    // A drop must not rehash its order maps mid-sale: imports arrive in batches,
+    // and the maps are sized for the whole stock, not for the last batch.
+    let mut sku = new_sku();
+    let now = Timestamp(T0);
+    for batch in 0..10 {
+        let serials: Vec<String> = (0..100).map(|i| format!("S{batch}-{i}")).collect();
+        let serials: Vec<&str> = serials.iter().map(String::as_str).collect();
+        sku.handle(cards(&serials), now).reply.unwrap();
+    }
+    let (orders, buyers) = sku.order_room();
+    assert!(orders >= 1_000, "orders map holds {orders}, stock is 1000");
+    assert!(buyers >= 1_000, "buyers map holds {buyers}, stock is 1000");
+}
+
+#[test]
 fn clock_going_backwards_is_clamped() {
     let mut sku = new_sku();
     sku.handle(cards(&["A"]), Timestamp(T0 + 100));
