@@ -76,7 +76,9 @@ pub async fn run(
     // Recover while /healthz already answers.
     let db_dir = config.db_dir();
     std::fs::create_dir_all(&db_dir).with_context(|| format!("creating {}", db_dir.display()))?;
-    let engine = match Engine::open(EngineConfig::new(&db_dir, secrets.keys)).await {
+    let mut engine_config = EngineConfig::new(&db_dir, secrets.keys);
+    engine_config.journal.linger = Duration::from_micros(config.journal_linger_us.into());
+    let engine = match Engine::open(engine_config).await {
         Ok(engine) => engine,
         Err(error) => {
             let _ = stop_tx.send(true);
