@@ -30,6 +30,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use keydrop_engine::{DeviceId, UserId};
 
 use crate::config::Config;
+use crate::lag::LagMonitor;
 
 /// How often idle buckets are dropped.
 pub const EVICT_INTERVAL: Duration = Duration::from_secs(5);
@@ -102,18 +103,46 @@ pub struct Admission {
     hasher: std::hash::RandomState,
     /// Slots for order requests being served; `None` when unbounded.
     order_slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// Scheduling lag, and the lag past which orders are shed; `None` when off.
+    pub lag: std::sync::Arc<LagMonitor>,
+    pub shed_lag: Option<Duration>,
+}
+
+/// Why an order was shed with 503 `overloaded` before any work was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// The workers are running behind: requests already wait in front of the handlers.
+    Lag,
+    /// Every order slot is taken.
+    InFlight,
+}
+
+impl Overload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overload::Lag => "lag",
+            Overload::InFlight => "in_flight",
+        }
+    }
 }
 
 impl Admission {
-    /// A slot for one order request, or `None` when all are taken: the caller
-    /// answers 503 at once. The slot frees itself when dropped.
-    pub fn order_slot(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+    /// Lets one order request in, holding a slot (when slots are bounded) that frees
+    /// itself when dropped; or says why the node is too busy for it, and the caller
+    /// answers 503 at once.
+    pub fn admit_order(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Overload> {
+        if self
+            .shed_lag
+            .is_some_and(|limit| self.lag.current() > limit)
+        {
+            return Err(Overload::Lag);
+        }
         match &self.order_slots {
-            None => Some(None),
+            None => Ok(None),
             Some(slots) => std::sync::Arc::clone(slots)
                 .try_acquire_owned()
-                .ok()
-                .map(Some),
+                .map(Some)
+                .map_err(|_| Overload::InFlight),
         }
     }
 
@@ -133,6 +162,9 @@ impl Admission {
             ),
             trusted_proxies: config.trusted_proxies.clone(),
             hasher: std::hash::RandomState::new(),
+            lag: std::sync::Arc::new(LagMonitor::default()),
+            shed_lag: (config.shed_lag_ms > 0)
+                .then(|| Duration::from_millis(config.shed_lag_ms.into())),
         }
     }
 
@@ -215,6 +247,35 @@ mod tests {
 
     fn admission(config: Config) -> Admission {
         Admission::new(&config)
+    }
+
+    #[test]
+    fn orders_are_shed_while_the_workers_lag_and_let_in_once_they_catch_up() {
+        let a = admission(Config {
+            shed_lag_ms: 50,
+            orders_in_flight_max: 2,
+            ..Config::default()
+        });
+        let slot = a.admit_order().expect("no lag, free slots");
+        a.lag.record(Duration::from_millis(80));
+        assert_eq!(a.admit_order().unwrap_err(), Overload::Lag);
+        // Prompt wake-ups halve the recorded lag: 40 ms is under the limit.
+        a.lag.record(Duration::ZERO);
+        let second = a.admit_order().expect("caught up");
+        assert_eq!(a.admit_order().unwrap_err(), Overload::InFlight);
+        drop((slot, second));
+        assert!(a.admit_order().is_ok(), "slots come back when dropped");
+    }
+
+    #[test]
+    fn lag_shedding_can_be_turned_off() {
+        let a = admission(Config {
+            shed_lag_ms: 0,
+            orders_in_flight_max: 0,
+            ..Config::default()
+        });
+        a.lag.record(Duration::from_secs(5));
+        assert!(a.admit_order().is_ok());
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct Config {
     /// way, when the previous batch was larger (fewer, fuller fsyncs under load; no
     /// wait when idle). 0 syncs at once.
     pub journal_linger_us: u32,
+    /// Milliseconds of scheduling lag past which order requests are shed with 503
+    /// `overloaded` (see `lag.rs`). 0 turns lag shedding off.
+    pub shed_lag_ms: u32,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             orders_in_flight_max: 1024,
             journal_linger_us: 200,
+            shed_lag_ms: 50,
         }
     }
 }
@@ -197,6 +201,9 @@ impl Config {
         }
         if let Some(v) = get("KEYDROP_JOURNAL_LINGER_US") {
             self.journal_linger_us = parse("KEYDROP_JOURNAL_LINGER_US", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_SHED_LAG_MS") {
+            self.shed_lag_ms = parse("KEYDROP_SHED_LAG_MS", &v)?;
         }
         Ok(())
     }

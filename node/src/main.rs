@@ -4,7 +4,7 @@
 //! Layout: [`cli`] is the command line; [`config`] and [`secrets`] what a node
 //! starts from; [`server`] binds, recovers and drains; [`api`] the HTTP routes, one
 //! file per group, with the one error type in `api/error.rs`; [`admission`] the
-//! token buckets; [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
+//! token buckets and the overload gate, fed by [`lag`]; [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
 //! [`client`] the operator commands. This file only parses and wires.
 
 mod admission;
@@ -12,6 +12,7 @@ mod api;
 mod cli;
 mod client;
 mod config;
+mod lag;
 mod metrics;
 mod secrets;
 mod server;

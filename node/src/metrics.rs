@@ -14,12 +14,14 @@ use keydrop_engine::{Engine, SkuId};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::admission::{Admission, Scope};
+use crate::admission::{Admission, Overload, Scope};
 
 pub const HTTP_REQUESTS: &str = "keydrop_http_requests_total";
 pub const HTTP_DURATION: &str = "keydrop_http_request_duration_seconds";
 pub const ORDERS: &str = "keydrop_orders_total";
 pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
+pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
+pub const RUNTIME_LAG: &str = "keydrop_runtime_lag_seconds";
 pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
 pub const ADMISSION_BUCKETS: &str = "keydrop_admission_buckets";
 pub const PAYMENTS: &str = "keydrop_payments_total";
@@ -80,6 +82,10 @@ pub fn install() -> Result<PrometheusHandle> {
     for scope in [Scope::User, Scope::Ip, Scope::Device] {
         metrics::counter!(ADMISSION_REJECTED, "scope" => scope.as_str()).increment(0);
     }
+    for reason in [Overload::Lag, Overload::InFlight] {
+        metrics::counter!(ORDERS_OVERLOAD_SHED, "reason" => reason.as_str()).increment(0);
+    }
+    metrics::gauge!(RUNTIME_LAG).set(0.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -100,6 +106,15 @@ fn describe() {
     describe_counter!(
         ORDERS_SHED,
         "Orders answered sold_out at the edge, without a trip to the SKU actor."
+    );
+    describe_counter!(
+        ORDERS_OVERLOAD_SHED,
+        "Orders answered 503 overloaded at the edge, by reason: lag (the workers are behind) or in_flight (every order slot is taken)."
+    );
+    describe_gauge!(
+        RUNTIME_LAG,
+        Unit::Seconds,
+        "How late the async workers run a timer: the wait in front of every handler."
     );
     describe_counter!(
         ADMISSION_REJECTED,

@@ -105,6 +105,11 @@ pub async fn run(
         });
     }
     spawn_upkeep(state.clone(), stop_rx.clone());
+    {
+        let lag = std::sync::Arc::clone(&state.admission.lag);
+        let (shed_after, stop) = (state.admission.shed_lag, stop_rx.clone());
+        tokio::spawn(async move { lag.run(shed_after, stop).await });
+    }
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut grace_stop = stop_rx.clone();

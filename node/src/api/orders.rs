@@ -25,7 +25,7 @@ use super::error::ApiError;
 use super::extract::{header_text, parse_json, read_body, ClientIp, OrderPath, SkuPath};
 use super::{rfc3339, AppState};
 use crate::admission::Rejected;
-use crate::metrics::{ADMISSION_REJECTED, ORDERS, ORDERS_SHED};
+use crate::metrics::{ADMISSION_REJECTED, ORDERS, ORDERS_OVERLOAD_SHED, ORDERS_SHED};
 
 /// An order body is `{"user_id": "<≤ 128 bytes>"}`; 16 KiB is generous.
 pub const ORDER_BODY_BYTES_MAX: usize = 16 * 1024;
@@ -78,13 +78,16 @@ pub async fn create_order(
 ) -> Response {
     // Bounded before any work: past the bound a buyer is told to come back (503 with
     // Retry-After) rather than wait behind a queue that cannot drain in time.
-    let outcome = match state.admission.order_slot() {
-        Some(slot) => {
+    let outcome = match state.admission.admit_order() {
+        Ok(slot) => {
             let outcome = reserve(&state, ip, sku, &headers, body).await;
             drop(slot);
             outcome
         }
-        None => Err(ApiError::Overloaded),
+        Err(reason) => {
+            metrics::counter!(ORDERS_OVERLOAD_SHED, "reason" => reason.as_str()).increment(1);
+            Err(ApiError::Overloaded)
+        }
     };
     let label = match &outcome {
         Ok(view) if view.replayed => "replayed",
