@@ -133,6 +133,8 @@ pub struct JournalStats {
     pub write_seconds: f64,
     /// Time running completions (answering callers) after each write.
     pub completion_seconds: f64,
+    /// Time holding small batches for more requests (see [`JournalOptions::linger`]).
+    pub linger_seconds: f64,
 }
 
 #[derive(Default)]
@@ -141,6 +143,7 @@ struct JournalCounters {
     requests: AtomicU64,
     write_nanos: AtomicU64,
     completion_nanos: AtomicU64,
+    linger_nanos: AtomicU64,
 }
 
 /// Runs once the write it belongs to is durable, or has failed.
@@ -261,6 +264,7 @@ impl Journal {
             requests: c.requests.load(Ordering::Relaxed),
             write_seconds: c.write_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             completion_seconds: c.completion_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            linger_seconds: c.linger_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         }
     }
 
@@ -634,6 +638,13 @@ fn run_writer(
             // for each request, and those that arrive meanwhile join this batch.
             std::thread::sleep(step);
             shutting_down = take_queued(receiver, &mut pending, batch_max);
+        }
+        if linger.spent > Duration::ZERO {
+            counters
+                .linger_nanos
+                .fetch_add(linger.spent.as_nanos() as u64, Ordering::Relaxed);
+            metrics::histogram!("keydrop_journal_linger_seconds")
+                .record(linger.spent.as_secs_f64());
         }
         let taken = pending.len();
         previous_batch = taken;

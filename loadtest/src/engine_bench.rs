@@ -74,6 +74,8 @@ struct WriterBreakdown {
     write_share: f64,
     /// Share spent answering callers after each write.
     completion_share: f64,
+    /// Share spent holding small batches for more requests.
+    linger_share: f64,
 }
 
 impl PhaseReport {
@@ -108,6 +110,7 @@ fn writer_breakdown(before: JournalStats, after: JournalStats, seconds: f64) -> 
         requests_per_batch: (after.requests - before.requests) as f64 / batches.max(1) as f64,
         write_share: (after.write_seconds - before.write_seconds) / seconds,
         completion_share: (after.completion_seconds - before.completion_seconds) / seconds,
+        linger_share: (after.linger_seconds - before.linger_seconds) / seconds,
     }
 }
 
@@ -421,12 +424,13 @@ fn print_phase(p: &PhaseReport) {
     );
     if let Some(j) = &p.journal {
         eprintln!(
-            "[{}] journal: {} batches, {:.0} requests/batch; writer busy {:.0}% in synced writes, {:.0}% answering",
+            "[{}] journal: {} batches, {:.0} requests/batch; writer busy {:.0}% in synced writes, {:.0}% answering, {:.0}% lingering",
             p.name,
             j.batches,
             j.requests_per_batch,
             j.write_share * 100.0,
-            j.completion_share * 100.0
+            j.completion_share * 100.0,
+            j.linger_share * 100.0
         );
     }
 }

@@ -40,6 +40,9 @@ const FSYNC_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 /// Requests per journal batch, up to the engine's `JOURNAL_BATCH_REQUESTS_MAX` (4096).
+/// Time a small batch is held for more requests: 50 µs steps up to the default
+/// 200 µs linger, then coarser for a configured longer one.
+const LINGER_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00015, 0.0002, 0.0005, 0.001, 0.005];
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
@@ -63,6 +66,10 @@ pub fn install() -> Result<PrometheusHandle> {
         .set_buckets_for_metric(
             Matcher::Full("keydrop_journal_batch_requests".to_owned()),
             BATCH_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("keydrop_journal_linger_seconds".to_owned()),
+            LINGER_BUCKETS,
         )?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
@@ -150,6 +157,11 @@ fn describe() {
         "keydrop_journal_fsync_seconds",
         Unit::Seconds,
         "Duration of one synced journal WriteBatch."
+    );
+    describe_histogram!(
+        "keydrop_journal_linger_seconds",
+        Unit::Seconds,
+        "Time the journal held a small batch for requests still arriving, before its fsync (only batches that waited)."
     );
     describe_histogram!(
         "keydrop_journal_batch_requests",
