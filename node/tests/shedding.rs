@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -31,17 +33,14 @@ async fn out_of_stock_outside_the_window_is_not_on_sale_and_inside_is_sold_out()
     assert!(node.metric("keydrop_orders_shed_total").await >= 2.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orders_past_the_in_flight_bound_get_503_at_once() {
-    let node = Node::start(&[
-        ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "1"),
-        ("KEYDROP_RATE_PER_IP", "0"),
-    ])
-    .await;
-    node.sku_with_cards("busy", on_sale(100, 1, 60), &cards("B", 400))
-        .await;
-    let requests = (0..300).map(|i| {
-        let (http, url) = (node.http.clone(), node.at("/v1/skus/busy/orders"));
+/// Sends `count` orders for `sku` at once, each from a new buyer; every answer must be
+/// 201, or 503 `overloaded` with Retry-After. Returns (created, overloaded).
+async fn burst_of_orders(node: &Node, sku: &str, count: usize) -> (u64, u64) {
+    let requests = (0..count).map(|i| {
+        let (http, url) = (
+            node.http.clone(),
+            node.at(&format!("/v1/skus/{sku}/orders")),
+        );
         tokio::spawn(async move {
             let response = http
                 .post(url)
@@ -69,11 +68,67 @@ async fn orders_past_the_in_flight_bound_get_503_at_once() {
             other => panic!("unexpected {other}: {body}"),
         }
     }
+    assert_eq!(created + overloaded, count as u64);
+    (created, overloaded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_past_the_in_flight_bound_get_503_at_once() {
+    let node = Node::start(&[
+        ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "1"),
+        ("KEYDROP_RATE_PER_IP", "0"),
+    ])
+    .await;
+    node.sku_with_cards("busy", on_sale(100, 1, 60), &cards("B", 400))
+        .await;
+    let (created, overloaded) = burst_of_orders(&node, "busy", 300).await;
     assert!(
         overloaded > 0,
         "300 concurrent orders never found the one slot taken"
     );
-    assert_eq!(created + overloaded, 300);
     let (_, sku) = node.get("/v1/skus/busy").await;
     assert_eq!(sku["reserved"], created, "{sku}");
+    assert!(
+        node.metric("keydrop_orders_overload_shed_total{reason=\"in_flight\"}")
+            .await
+            >= overloaded as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_shed_while_the_workers_lag_and_taken_again_after() {
+    // One async worker and a 1 ms limit: 500 orders at once queue in front of the
+    // handlers for far longer than that, so the probe wakes late and the rest of the
+    // burst is shed. No slot bound, so lag is the only reason for a 503.
+    let node = Node::start(&[
+        ("TOKIO_WORKER_THREADS", "1"),
+        ("KEYDROP_SHED_LAG_MS", "1"),
+        ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "0"),
+        ("KEYDROP_RATE_PER_IP", "0"),
+    ])
+    .await;
+    node.sku_with_cards("crowded", on_sale(100, 1, 60), &cards("C", 600))
+        .await;
+    let (created, overloaded) = burst_of_orders(&node, "crowded", 500).await;
+    assert!(
+        overloaded > 0,
+        "a 500-order burst on one worker never lagged 1 ms"
+    );
+    let (_, sku) = node.get("/v1/skus/crowded").await;
+    assert_eq!(sku["reserved"], created, "{sku}");
+    assert!(
+        node.metric("keydrop_orders_overload_shed_total{reason=\"lag\"}")
+            .await
+            >= overloaded as f64
+    );
+    // Once the burst is over the lag decays and orders are taken again.
+    eventually(
+        "an order admitted after the burst",
+        Duration::from_secs(10),
+        || async {
+            let (status, _) = node.reserve("crowded", "late-buyer").await;
+            (status == StatusCode::CREATED).then_some(())
+        },
+    )
+    .await;
 }

@@ -86,7 +86,7 @@ impl Node {
             .env("KEYDROP_SHUTDOWN_GRACE_SECS", "20")
             // Debug builds on a shared machine lag behind timers now and then; tests
             // that count exact outcomes must not see lag shedding's 503s. The gate
-            // itself is tested in admission.rs and lag.rs.
+            // itself is tested in admission.rs, lag.rs and tests/shedding.rs.
             .env("KEYDROP_SHED_LAG_MS", "0");
         for (name, value) in &self.env {
             command.env(name, value);
