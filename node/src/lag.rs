@@ -32,7 +32,8 @@ impl LagMonitor {
         Duration::from_micros(self.lag_micros.load(Ordering::Relaxed))
     }
 
-    /// Folds in one sample: how late the probe woke.
+    /// Folds in one sample: how late the probe woke. Only the probe writes (readers
+    /// just load), so a load and a store need no read-modify-write.
     pub fn record(&self, late: Duration) {
         let sample = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
         let previous = self.lag_micros.load(Ordering::Relaxed);
