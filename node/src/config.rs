@@ -53,6 +53,9 @@ pub struct Config {
     /// Milliseconds of scheduling lag past which order requests are shed with 503
     /// `overloaded` (see `lag.rs`). 0 turns lag shedding off.
     pub shed_lag_ms: u32,
+    /// Transparent huge pages for the node's memory (see `platform.rs` for why they
+    /// are off by default).
+    pub transparent_huge_pages: bool,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             orders_in_flight_max: 1024,
             journal_linger_us: 200,
             shed_lag_ms: 50,
+            transparent_huge_pages: false,
         }
     }
 }
@@ -204,6 +208,9 @@ impl Config {
         }
         if let Some(v) = get("KEYDROP_SHED_LAG_MS") {
             self.shed_lag_ms = parse("KEYDROP_SHED_LAG_MS", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_TRANSPARENT_HUGE_PAGES") {
+            self.transparent_huge_pages = parse("KEYDROP_TRANSPARENT_HUGE_PAGES", &v)?;
         }
         Ok(())
     }

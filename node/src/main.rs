@@ -4,7 +4,8 @@
 //! Layout: [`cli`] is the command line; [`config`] and [`secrets`] what a node
 //! starts from; [`server`] binds, recovers and drains; [`api`] the HTTP routes, one
 //! file per group, with the one error type in `api/error.rs`; [`admission`] the
-//! token buckets and the overload gate, fed by [`lag`]; [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
+//! token buckets and the overload gate, fed by [`lag`]; [`platform`] the one OS
+//! setting (huge pages); [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
 //! [`client`] the operator commands. This file only parses and wires.
 
 mod admission;
@@ -14,6 +15,7 @@ mod client;
 mod config;
 mod lag;
 mod metrics;
+mod platform;
 mod secrets;
 mod server;
 mod signature;
@@ -38,6 +40,16 @@ fn main() -> Result<()> {
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
             init_logging(&config.log, config.log_format)?;
+            // Before the runtime and the engine allocate anything large.
+            match platform::set_transparent_huge_pages(config.transparent_huge_pages) {
+                Ok(()) => tracing::info!(
+                    enabled = config.transparent_huge_pages,
+                    "transparent huge pages set for this process"
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot set transparent huge pages; keeping the system's setting")
+                }
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
