@@ -27,14 +27,11 @@ fn colour(index: usize) -> RGBColor {
 
 /// Writes `<stem>-throughput.svg` and `<stem>-latency.svg`; returns their paths.
 pub fn write(targets: &[TargetReport], stem: &Path) -> Result<Vec<PathBuf>> {
-    let throughput = stem.with_file_name(format!(
-        "{}-throughput.svg",
-        stem.file_name().and_then(|s| s.to_str()).unwrap_or("drop")
-    ));
-    let latency = stem.with_file_name(format!(
-        "{}-latency.svg",
-        stem.file_name().and_then(|s| s.to_str()).unwrap_or("drop")
-    ));
+    let beside = |suffix: &str| {
+        let name = stem.file_name().and_then(|s| s.to_str()).unwrap_or("drop");
+        stem.with_file_name(format!("{name}-{suffix}.svg"))
+    };
+    let (throughput, latency) = (beside("throughput"), beside("latency"));
     throughput_chart(targets, &throughput).map_err(|e| anyhow!("throughput chart: {e}"))?;
     latency_chart(targets, &latency).map_err(|e| anyhow!("latency chart: {e}"))?;
     Ok(vec![throughput, latency])
@@ -81,15 +78,9 @@ fn throughput_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
                 style.stroke_width(2),
             ))?
             .label(target.target.name.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], style.stroke_width(2)));
+            .legend(move |(x, y)| legend_mark(x, y, style));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(&mut chart, &root)
 }
 
 fn latency_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
@@ -125,7 +116,7 @@ fn latency_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
                 style.stroke_width(2),
             ))?
             .label(target.target.name.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], style.stroke_width(2)));
+            .legend(move |(x, y)| legend_mark(x, y, style));
         chart.draw_series(DashedLineSeries::new(
             busy().map(|s| (s.second, s.reserve_p99_us as f64 / 1000.0)),
             6,
@@ -133,6 +124,19 @@ fn latency_chart(targets: &[TargetReport], path: &Path) -> DrawResult {
             style.stroke_width(1),
         ))?;
     }
+    finish(&mut chart, &root)
+}
+
+/// The legend's sample of a target's line.
+fn legend_mark(x: i32, y: i32, style: RGBColor) -> PathElement<(i32, i32)> {
+    PathElement::new([(x, y), (x + 16, y)], style.stroke_width(2))
+}
+
+/// Draws the legend (one entry per target) and writes the file.
+fn finish<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+) -> DrawResult {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
