@@ -324,17 +324,27 @@ mod tests {
         }
         assert_eq!(a.bucket_counts()[0].1, 10_000);
         // A bucket of burst 1 at 1000/s is full again after 1 ms.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        evict_until_no_user_buckets(&a, Duration::from_secs(5), Duration::ZERO);
+    }
+
+    /// Runs eviction passes, `pause` apart, until no user bucket is left; fails
+    /// after `within`.
+    fn evict_until_no_user_buckets(a: &Admission, within: Duration, pause: Duration) {
+        let deadline = std::time::Instant::now() + within;
         loop {
             a.evict_idle();
             if a.bucket_counts()[0].1 == 0 {
-                break;
+                return;
             }
             assert!(
                 std::time::Instant::now() < deadline,
                 "buckets never evicted"
             );
-            std::thread::yield_now();
+            if pause.is_zero() {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(pause);
+            }
         }
     }
 
@@ -360,19 +370,7 @@ mod tests {
         assert_eq!(a.bucket_counts()[0].1 as u64, users);
         // Default quota: 5/s with a burst of 5, so a bucket used once is full again
         // within a second.
-        let started = std::time::Instant::now();
-        let deadline = started + Duration::from_secs(10);
-        loop {
-            a.evict_idle();
-            if a.bucket_counts()[0].1 == 0 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "buckets never evicted"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        evict_until_no_user_buckets(&a, Duration::from_secs(10), Duration::from_millis(50));
         let after = rss_kib().unwrap_or(0).saturating_sub(before);
         eprintln!(
             "{users} users: +{} KiB RSS while held (~{} B per bucket), +{} KiB after eviction",
