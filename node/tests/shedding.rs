@@ -34,8 +34,9 @@ async fn out_of_stock_outside_the_window_is_not_on_sale_and_inside_is_sold_out()
 }
 
 /// Sends `count` orders for `sku` at once, each from a new buyer; every answer must be
-/// 201, or 503 `overloaded` with Retry-After. Returns (created, overloaded).
-async fn burst_of_orders(node: &Node, sku: &str, count: usize) -> (u64, u64) {
+/// 201, or 503 `overloaded` with Retry-After. The SKU's `reserved` must equal the
+/// 201s, and every 503 must be counted as shed for `reason`. Returns the count of 503s.
+async fn burst_of_orders(node: &Node, sku: &str, count: usize, reason: &str) -> u64 {
     let requests = (0..count).map(|i| {
         let (http, url) = (
             node.http.clone(),
@@ -69,7 +70,11 @@ async fn burst_of_orders(node: &Node, sku: &str, count: usize) -> (u64, u64) {
         }
     }
     assert_eq!(created + overloaded, count as u64);
-    (created, overloaded)
+    let (_, view) = node.get(&format!("/v1/skus/{sku}")).await;
+    assert_eq!(view["reserved"], created, "{view}");
+    let shed = format!("keydrop_orders_overload_shed_total{{reason=\"{reason}\"}}");
+    assert!(node.metric(&shed).await >= overloaded as f64, "{shed}");
+    overloaded
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,17 +86,10 @@ async fn orders_past_the_in_flight_bound_get_503_at_once() {
     .await;
     node.sku_with_cards("busy", on_sale(100, 1, 60), &cards("B", 400))
         .await;
-    let (created, overloaded) = burst_of_orders(&node, "busy", 300).await;
+    let overloaded = burst_of_orders(&node, "busy", 300, "in_flight").await;
     assert!(
         overloaded > 0,
         "300 concurrent orders never found the one slot taken"
-    );
-    let (_, sku) = node.get("/v1/skus/busy").await;
-    assert_eq!(sku["reserved"], created, "{sku}");
-    assert!(
-        node.metric("keydrop_orders_overload_shed_total{reason=\"in_flight\"}")
-            .await
-            >= overloaded as f64
     );
 }
 
@@ -109,17 +107,10 @@ async fn orders_are_shed_while_the_workers_lag_and_taken_again_after() {
     .await;
     node.sku_with_cards("crowded", on_sale(100, 1, 60), &cards("C", 600))
         .await;
-    let (created, overloaded) = burst_of_orders(&node, "crowded", 500).await;
+    let overloaded = burst_of_orders(&node, "crowded", 500, "lag").await;
     assert!(
         overloaded > 0,
         "a 500-order burst on one worker never lagged 1 ms"
-    );
-    let (_, sku) = node.get("/v1/skus/crowded").await;
-    assert_eq!(sku["reserved"], created, "{sku}");
-    assert!(
-        node.metric("keydrop_orders_overload_shed_total{reason=\"lag\"}")
-            .await
-            >= overloaded as f64
     );
     // Once the burst is over the lag decays and orders are taken again.
     eventually(
