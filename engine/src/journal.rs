@@ -310,17 +310,29 @@ impl Journal {
             return;
         }
         let _ = self.sender.send(WriterMsg::Shutdown);
-        if let Some(writer) = self.writer.lock().expect("writer handle lock").take() {
+        // These locks only guard an Option of a handle: a panic elsewhere while one
+        // was held cannot have left it half-written, so a poisoned lock is used as is.
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
             let _ = writer.join();
         }
         // The writer held the only other handle; this closes the database.
-        drop(self.db.write().expect("db handle lock").take());
+        drop(
+            self.db
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
     }
 
     fn db(&self) -> Result<Arc<DB>, JournalError> {
         self.db
             .read()
-            .expect("db handle lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
             .ok_or(JournalError::Closed)
     }
