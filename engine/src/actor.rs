@@ -28,6 +28,8 @@ use crate::sku::{Command, Reply, Sku, SkuDef, SkuStatus, SkuView, StockCounts};
 /// HTTP edge serves `GET /v1/skus/{sku}` and sheds sold-out orders from this.
 pub(crate) struct SkuShared {
     pub id: SkuId,
+    /// `id.route_hash()`, which every new order id carries.
+    pub route_hash: u32,
     pub def: ArcSwap<SkuDef>,
     available: AtomicU64,
     reserved: AtomicU64,
@@ -45,6 +47,7 @@ impl SkuShared {
     fn new(sku: &Sku) -> Self {
         let shared = SkuShared {
             id: sku.id().clone(),
+            route_hash: sku.id().route_hash(),
             def: ArcSwap::from_pointee(sku.def().clone()),
             available: AtomicU64::new(0),
             reserved: AtomicU64::new(0),

@@ -350,7 +350,7 @@ impl Engine {
     ) -> Result<OrderView, EngineError> {
         let handle = self.handle(id)?;
         let command = Command::Reserve(ReserveRequest {
-            order_id: OrderId::generate(id),
+            order_id: OrderId::generate_with_route_hash(handle.shared.route_hash),
             user: request.user,
             device: request.device,
             idempotency: request.idempotency,

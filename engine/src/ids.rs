@@ -207,8 +207,14 @@ impl OrderId {
     pub const RANDOM_BITS: u32 = 96;
 
     pub fn generate(sku: &SkuId) -> Self {
+        Self::generate_with_route_hash(sku.route_hash())
+    }
+
+    /// [`OrderId::generate`] for a SKU whose route hash is already known: the hash
+    /// is a SHA-256, which the hot path need not redo for every order.
+    pub fn generate_with_route_hash(route_hash: u32) -> Self {
         let mut bytes = [0u8; 16];
-        bytes[..4].copy_from_slice(&sku.route_hash().to_be_bytes());
+        bytes[..4].copy_from_slice(&route_hash.to_be_bytes());
         // ThreadRng is ChaCha12 reseeded from the OS: a CSPRNG, without a syscall per id.
         rand::thread_rng().fill_bytes(&mut bytes[4..]);
         OrderId(bytes)
@@ -253,7 +259,9 @@ impl FromStr for OrderId {
 
 impl fmt::Display for OrderId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        let mut text = [0u8; 32];
+        hex::encode_to_slice(self.0, &mut text).expect("32 hex digits for 16 bytes");
+        f.write_str(std::str::from_utf8(&text).expect("hex digits are ASCII"))
     }
 }
 

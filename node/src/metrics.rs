@@ -7,11 +7,12 @@
 //! line appears without a scraper).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{LazyLock, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
+use dashmap::DashMap;
 use keydrop_engine::{Engine, SkuId};
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::admission::{Admission, Overload, Scope};
@@ -46,6 +47,51 @@ const LINGER_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00015, 0.0002, 0.0005, 0.001
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
+
+/// Order requests by outcome.
+pub static ORDER_OUTCOMES: LazyLock<LabelledCounter> =
+    LazyLock::new(|| LabelledCounter::new(ORDERS, "outcome"));
+/// Orders shed with 503 before any work, by reason.
+pub static OVERLOAD_SHED: LazyLock<LabelledCounter> =
+    LazyLock::new(|| LabelledCounter::new(ORDERS_OVERLOAD_SHED, "reason"));
+/// Token-bucket refusals, by scope.
+pub static ADMISSION_REFUSALS: LazyLock<LabelledCounter> =
+    LazyLock::new(|| LabelledCounter::new(ADMISSION_REJECTED, "scope"));
+
+/// A counter with one label whose values are `&'static str`, keeping each series'
+/// handle after its first use. The `counter!` macro builds, hashes and looks up its
+/// key on every call; on the order path, and on the shed paths that must stay cheap
+/// under overload, that is most of the cost of counting.
+pub struct LabelledCounter {
+    name: &'static str,
+    label: &'static str,
+    /// Keyed by the value's address: the same text at two addresses only costs a
+    /// second entry for the same series, and hashing a pointer is cheaper than
+    /// hashing the text.
+    series: DashMap<usize, Counter>,
+}
+
+impl LabelledCounter {
+    pub fn new(name: &'static str, label: &'static str) -> Self {
+        LabelledCounter {
+            name,
+            label,
+            series: DashMap::new(),
+        }
+    }
+
+    pub fn increment(&self, value: &'static str, by: u64) {
+        let address = value.as_ptr() as usize;
+        if let Some(counter) = self.series.get(&address) {
+            counter.increment(by);
+            return;
+        }
+        self.series
+            .entry(address)
+            .or_insert_with(|| metrics::counter!(self.name, self.label => value))
+            .increment(by);
+    }
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -87,10 +133,10 @@ pub fn install() -> Result<PrometheusHandle> {
         metrics::counter!(counter).increment(0);
     }
     for scope in [Scope::User, Scope::Ip, Scope::Device] {
-        metrics::counter!(ADMISSION_REJECTED, "scope" => scope.as_str()).increment(0);
+        ADMISSION_REFUSALS.increment(scope.as_str(), 0);
     }
     for reason in [Overload::Lag, Overload::InFlight] {
-        metrics::counter!(ORDERS_OVERLOAD_SHED, "reason" => reason.as_str()).increment(0);
+        OVERLOAD_SHED.increment(reason.as_str(), 0);
     }
     metrics::gauge!(RUNTIME_LAG).set(0.0);
     Ok(HANDLE.get_or_init(|| handle).clone())

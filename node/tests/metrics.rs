@@ -60,6 +60,13 @@ async fn metrics_pass_promtool_and_cover_rules_and_dashboard() {
     assert_eq!(node.reserve("m1", "u2").await.0, StatusCode::CREATED);
     assert_eq!(node.reserve("m1", "u3").await.0, StatusCode::CONFLICT);
     let _ = node.get("/no/such/route").await;
+    let wrong_method = node
+        .http
+        .delete(node.at("/v1/skus/m1/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
 
     let text = node
         .http
@@ -71,6 +78,22 @@ async fn metrics_pass_promtool_and_cover_rules_and_dashboard() {
         .await
         .unwrap();
     assert!(text.contains("keydrop_http_request_duration_seconds_bucket{route=\"/v1/skus/{sku}/orders\",le=\"0.005\"}"), "{text}");
+    // Each request is counted once, under its route template and status.
+    for series in [
+        r#"keydrop_http_requests_total{route="/v1/skus/{sku}/orders",status="201"} 2"#,
+        r#"keydrop_http_requests_total{route="/v1/skus/{sku}/orders",status="409"} 1"#,
+        r#"keydrop_http_requests_total{route="/v1/skus/{sku}/orders",status="405"} 1"#,
+        r#"keydrop_http_requests_total{route="/v1/orders/{order_id}/payment",status="200"} 1"#,
+        r#"keydrop_http_requests_total{route="unmatched",status="404"} 1"#,
+        r#"keydrop_http_request_duration_seconds_count{route="/v1/skus/{sku}/orders"} 4"#,
+        r#"keydrop_orders_total{outcome="reserved"} 2"#,
+        r#"keydrop_orders_total{outcome="sold_out"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|line| line == series),
+            "{series} in:\n{text}"
+        );
+    }
     assert!(
         text.contains("keydrop_journal_fsync_seconds_bucket"),
         "{text}"

@@ -1,9 +1,10 @@
-//! HTTP API v1: the router, the state every handler shares, and the request metrics
-//! middleware. One file per route group:
+//! HTTP API v1: the router and the state every handler shares. One file per route
+//! group, and one for the middleware around them:
 //! - [`skus`]: define, stock and read SKUs;
 //! - [`orders`]: reserve, read and cancel orders;
 //! - [`payments`]: the payment provider's signed callback;
-//! - [`health`]: liveness, readiness, metrics, and the refunds list for operators.
+//! - [`health`]: liveness, readiness, metrics, and the refunds list for operators;
+//! - [`request_metrics`]: counts and times every request by route template.
 //!
 //! Routes (admin ones need `Authorization: Bearer <admin token>`):
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`;
@@ -23,24 +24,23 @@ pub mod extract;
 pub mod health;
 pub mod orders;
 pub mod payments;
+pub mod request_metrics;
 pub mod skus;
 
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::{self, Next};
-use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::handler::Handler;
+use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use keydrop_engine::{Engine, Timestamp};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use self::error::ApiError;
+use self::request_metrics::RequestMetricsLayer;
 use crate::admission::Admission;
-use crate::metrics::{SkuGauges, HTTP_DURATION, HTTP_REQUESTS};
+use crate::metrics::SkuGauges;
 
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -101,26 +101,37 @@ impl AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/v1/skus/{sku}", put(skus::put_sku).get(skus::get_sku))
-        .route("/v1/skus/{sku}/cards", post(skus::import_cards))
-        .route("/v1/skus/{sku}/orders", post(orders::create_order))
-        .route(
+    let routes: [(&'static str, MethodRouter<AppState>); 10] = [
+        ("/healthz", get(health::healthz)),
+        ("/readyz", get(health::readyz)),
+        ("/metrics", get(health::metrics)),
+        ("/v1/skus/{sku}", put(skus::put_sku).get(skus::get_sku)),
+        ("/v1/skus/{sku}/cards", post(skus::import_cards)),
+        ("/v1/skus/{sku}/orders", post(orders::create_order)),
+        (
             "/v1/orders/{order_id}",
             get(orders::get_order).delete(orders::cancel_order),
-        )
-        .route(
+        ),
+        (
             "/v1/orders/{order_id}/payment",
             post(payments::confirm_payment),
-        )
-        .route("/v1/admin/skus/{sku}", get(skus::get_sku_admin))
-        .route("/v1/admin/refunds", get(health::refunds))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(record_request))
+        ),
+        ("/v1/admin/skus/{sku}", get(skus::get_sku_admin)),
+        ("/v1/admin/refunds", get(health::refunds)),
+    ];
+    let router = routes
+        .into_iter()
+        .fold(Router::new(), |router, (template, methods)| {
+            // Layered per route, so that a wrong method is counted under the route.
+            router.route(
+                template,
+                methods
+                    .fallback(method_not_allowed)
+                    .layer(RequestMetricsLayer::new(template)),
+            )
+        });
+    router
+        .fallback(not_found.layer(RequestMetricsLayer::new(request_metrics::UNMATCHED)))
         .with_state(state)
 }
 
@@ -132,30 +143,45 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Counts and times every request by route template (never the raw path: ids in
-/// label values would make one time series per order).
-async fn record_request(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!(HTTP_DURATION, "route" => route.clone())
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
-    response
-}
-
 /// RFC 3339 in UTC with milliseconds, as every timestamp in the API.
 pub fn rfc3339(at: Timestamp) -> String {
-    i64::try_from(at.as_millis())
+    let mut text = String::with_capacity(RFC3339_MILLIS_LEN);
+    push_rfc3339(&mut text, at);
+    text
+}
+
+/// Length of `2030-01-02T03:04:05.678Z`.
+const RFC3339_MILLIS_LEN: usize = 24;
+
+/// Appends [`rfc3339`]'s text. Written digit by digit for four-digit years (every
+/// real one): chrono's formatter runs each field through `fmt`, a visible share of
+/// the work of answering an order.
+pub fn push_rfc3339(out: &mut String, at: Timestamp) {
+    let time = i64::try_from(at.as_millis())
         .ok()
         .and_then(DateTime::<Utc>::from_timestamp_millis)
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    let Ok(year @ 0..=9999) = u32::try_from(time.year()) else {
+        out.push_str(&time.to_rfc3339_opts(SecondsFormat::Millis, true));
+        return;
+    };
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    for (value, at, digits) in [
+        (year, 0, 4),
+        (time.month(), 5, 2),
+        (time.day(), 8, 2),
+        (time.hour(), 11, 2),
+        (time.minute(), 14, 2),
+        (time.second(), 17, 2),
+        (time.timestamp_subsec_millis(), 20, 3),
+    ] {
+        let mut rest = value;
+        for slot in text[at..at + digits].iter_mut().rev() {
+            *slot = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+    }
+    out.push_str(std::str::from_utf8(&text).expect("digits and separators are ASCII"));
 }
 
 pub fn parse_rfc3339(field: &str, text: &str) -> Result<Timestamp, ApiError> {
@@ -178,5 +204,41 @@ mod tests {
         assert!(parse_rfc3339("t", "1969-12-31T23:59:59Z").is_err());
         // Out of chrono's range: clamped, not a panic.
         assert!(!rfc3339(Timestamp::from_millis(u64::MAX)).is_empty());
+    }
+
+    #[test]
+    fn timestamps_match_chrono_formatting() {
+        let chrono_text = |millis: u64| {
+            DateTime::<Utc>::from_timestamp_millis(millis as i64)
+                .unwrap()
+                .to_rfc3339_opts(SecondsFormat::Millis, true)
+        };
+        let year_10000 = 253_402_300_800_000;
+        let mut cases = vec![
+            0,
+            1,
+            999,
+            1_000,
+            86_399_999,
+            951_782_400_000, // 2000-02-29
+            year_10000 - 1,
+            year_10000,
+            year_10000 + 123_456_789,
+        ];
+        // A spread of times from 1970 to past 9999, by a fixed-seed LCG.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            cases.push(x % (year_10000 + 10_000_000_000_000));
+        }
+        for millis in cases {
+            assert_eq!(
+                rfc3339(Timestamp::from_millis(millis)),
+                chrono_text(millis),
+                "{millis} ms"
+            );
+        }
     }
 }
