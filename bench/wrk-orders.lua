@@ -2,6 +2,11 @@
 --   wrk -t2 -c64 -d10s -s bench/wrk-orders.lua http://127.0.0.1:PORT -- SKU
 -- Every answer other than 201 (sold out, throttled, overloaded) is counted by wrk
 -- as "Non-2xx or 3xx responses", so stock the SKU with more cards than wrk sends.
+--
+-- wrk shares the machine's cores with the server it measures, so each request is
+-- one concatenation onto a head built once, rather than wrk.format's per-request
+-- header table walk and string.format calls (about 1.5 µs of wrk's CPU per request
+-- here, which the server would otherwise not get).
 local threads = {}
 
 function setup(thread)
@@ -10,14 +15,17 @@ function setup(thread)
 end
 
 function init(args)
-    sku = args[1] or "wrk-0"
+    local sku = args[1] or "wrk-0"
     counter = 0
-    path = "/v1/skus/" .. sku .. "/orders"
-    headers = { ["Content-Type"] = "application/json" }
+    head = "POST /v1/skus/" .. sku .. "/orders HTTP/1.1\r\n"
+        .. "Host: " .. wrk.host .. "\r\n"
+        .. "Content-Type: application/json\r\n"
+        .. "Content-Length: "
+    body_start = '{"user_id":"w' .. thread_id .. "-"
 end
 
 function request()
     counter = counter + 1
-    local body = '{"user_id":"w' .. thread_id .. '-' .. counter .. '"}'
-    return wrk.format("POST", path, headers, body)
+    local body = body_start .. counter .. '"}'
+    return head .. #body .. "\r\n\r\n" .. body
 end

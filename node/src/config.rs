@@ -56,6 +56,8 @@ pub struct Config {
     /// Transparent huge pages for the node's memory (see `platform.rs` for why they
     /// are off by default).
     pub transparent_huge_pages: bool,
+    /// Async worker threads serving HTTP and the SKU actors; 0 means one per core.
+    pub workers: u16,
 }
 
 impl Default for Config {
@@ -81,6 +83,7 @@ impl Default for Config {
             journal_linger_us: 200,
             shed_lag_ms: 50,
             transparent_huge_pages: false,
+            workers: 0,
         }
     }
 }
@@ -212,6 +215,9 @@ impl Config {
         if let Some(v) = get("KEYDROP_TRANSPARENT_HUGE_PAGES") {
             self.transparent_huge_pages = parse("KEYDROP_TRANSPARENT_HUGE_PAGES", &v)?;
         }
+        if let Some(v) = get("KEYDROP_WORKERS") {
+            self.workers = parse("KEYDROP_WORKERS", &v)?;
+        }
         Ok(())
     }
 
@@ -278,6 +284,7 @@ mod tests {
             ("KEYDROP_TRUSTED_PROXIES", "10.0.0.1, ::1"),
             ("KEYDROP_ADMIN_TOKEN", "tok"),
             ("KEYDROP_LOG_FORMAT", "json"),
+            ("KEYDROP_WORKERS", "1"),
         ]
         .into_iter()
         .collect();
@@ -289,6 +296,7 @@ mod tests {
         assert_eq!(config.trusted_proxies.len(), 2);
         assert_eq!(config.admin_token, Some(Secret::new("tok")));
         assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.workers, 1);
         // Untouched settings keep the file's or the default value.
         assert_eq!(config.rate_per_ip, 200);
     }

@@ -50,7 +50,11 @@ fn main() -> Result<()> {
                     tracing::warn!(%error, "cannot set transparent huge pages; keeping the system's setting")
                 }
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if config.workers > 0 {
+                runtime.worker_threads(config.workers.into());
+            }
+            let runtime = runtime
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

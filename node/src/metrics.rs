@@ -23,6 +23,7 @@ pub const ORDERS: &str = "keydrop_orders_total";
 pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
 pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
 pub const RUNTIME_LAG: &str = "keydrop_runtime_lag_seconds";
+pub const RUNTIME_WORKERS: &str = "keydrop_runtime_workers";
 pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
 pub const ADMISSION_BUCKETS: &str = "keydrop_admission_buckets";
 pub const PAYMENTS: &str = "keydrop_payments_total";
@@ -168,6 +169,10 @@ fn describe() {
         RUNTIME_LAG,
         Unit::Seconds,
         "How late the async workers run a timer: the wait in front of every handler."
+    );
+    describe_gauge!(
+        RUNTIME_WORKERS,
+        "Async worker threads serving HTTP and running the SKU actors (the workers setting)."
     );
     describe_counter!(
         ADMISSION_REJECTED,

@@ -32,6 +32,9 @@ pub async fn run(
 ) -> Result<()> {
     tracing::info!(config = %config.redacted(), "effective configuration");
     let metrics_handle = metrics::install()?;
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    ::metrics::gauge!(metrics::RUNTIME_WORKERS).set(workers as f64);
+    tracing::info!(workers, "async runtime started");
     let secrets = secrets::load(&config)?;
     let state = AppState::new(
         Admission::new(&config),

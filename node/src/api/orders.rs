@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keydrop_engine::{
@@ -32,8 +32,9 @@ use crate::metrics::{ADMISSION_REFUSALS, ORDERS_SHED, ORDER_OUTCOMES, OVERLOAD_S
 /// An order body is `{"user_id": "<≤ 128 bytes>"}`; 16 KiB is generous.
 pub const ORDER_BODY_BYTES_MAX: usize = 16 * 1024;
 
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
-const DEVICE_ID: &str = "x-device-id";
+// Header names made once: looking a `&str` up parses and hashes it every time.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const DEVICE_ID: HeaderName = HeaderName::from_static("x-device-id");
 
 #[derive(Deserialize)]
 struct OrderBody {
@@ -151,11 +152,11 @@ async fn reserve(
     let body = read_body(headers, body, ORDER_BODY_BYTES_MAX).await?;
     let OrderBody { user_id } = parse_json(&body)?;
     let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(format!("user_id: {e}")))?;
-    let device = header_text(headers, DEVICE_ID)?
+    let device = header_text(headers, &DEVICE_ID)?
         .map(DeviceId::parse)
         .transpose()
         .map_err(|e| ApiError::invalid(format!("X-Device-Id: {e}")))?;
-    let key = header_text(headers, IDEMPOTENCY_KEY)?
+    let key = header_text(headers, &IDEMPOTENCY_KEY)?
         .map(IdempotencyKey::parse)
         .transpose()
         .map_err(|e| ApiError::invalid(format!("Idempotency-Key: {e}")))?;
