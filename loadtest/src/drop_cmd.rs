@@ -146,6 +146,10 @@ pub struct DropArgs {
     /// with its ratio to the ceiling (repeatable).
     #[arg(long)]
     pub wrk_result: Vec<String>,
+    /// A `keydrop-load orders --json` report, as `name|path`; listed with the wrk
+    /// runs (repeatable).
+    #[arg(long)]
+    pub open_loop_result: Vec<String>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -461,6 +465,11 @@ pub async fn run_drop(args: &DropArgs) -> Result<DropReport> {
             .iter()
             .map(|text| parse_wrk_result(text))
             .collect::<Result<_>>()?,
+        open_loop: args
+            .open_loop_result
+            .iter()
+            .map(|text| read_open_loop_result(text))
+            .collect::<Result<_>>()?,
         ratios: Vec::new(),
         passed,
     };
@@ -481,6 +490,15 @@ fn parse_wrk_result(text: &str) -> Result<Ceiling> {
             .with_context(|| format!("requests per second in {text:?}"))?,
         command: command.to_string(),
     })
+}
+
+fn read_open_loop_result(text: &str) -> Result<(String, crate::open_orders::OrdersReport)> {
+    let Some((name, path)) = text.split_once('|') else {
+        bail!("--open-loop-result takes name|path, got {text:?}");
+    };
+    let json = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let report = serde_json::from_str(&json).with_context(|| format!("parsing {path}"))?;
+    Ok((name.to_string(), report))
 }
 
 /// The `drop` subcommand: runs, prints, writes; fails when an audit failed.

@@ -7,6 +7,7 @@ mod driver;
 mod drop_cmd;
 mod engine_bench;
 mod model;
+mod open_orders;
 mod report;
 mod schedule;
 mod servers;
@@ -43,6 +44,10 @@ enum Target {
     /// redis-http, postgres-direct), each audited afterwards; a failed audit exits
     /// non-zero. Prints a table; --json and --charts write the report.
     Drop(Box<drop_cmd::DropArgs>),
+    /// Order requests at a fixed rate over keep-alive connections (one new buyer per
+    /// order), timed from each one's due time: the latency of the order route at a
+    /// given load
+    Orders(open_orders::OrdersArgs),
     /// Runs the Redis-backed HTTP service of the `redis-http` target on its own
     /// (for wrk), printing `listening on http://<addr>`; stops on SIGTERM.
     ServeRedisHttp(tools::ServeRedisHttpArgs),
@@ -61,6 +66,7 @@ fn main() -> Result<()> {
     match cli.target {
         Target::Engine(args) => engine_bench::run(args),
         Target::Drop(args) => drop_cmd::main(*args),
+        Target::Orders(args) => open_orders::main(args),
         Target::ServeRedisHttp(args) => tools::serve_redis_http(args),
         Target::Stock(args) => tools::stock(args),
     }

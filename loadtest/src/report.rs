@@ -156,6 +156,9 @@ pub struct DropReport {
     pub ceiling: Option<Ceiling>,
     /// wrk runs made outside the harness against keydrop and the baselines.
     pub wrk: Vec<Ceiling>,
+    /// `keydrop-load orders` runs (a fixed rate, latency from due time) made outside
+    /// the drop, by name.
+    pub open_loop: Vec<(String, crate::open_orders::OrdersReport)>,
     pub ratios: Vec<Ratio>,
     pub passed: bool,
 }
@@ -308,6 +311,21 @@ pub fn print_table(report: &DropReport) {
         println!(
             "  {:<22} wrk: {:.0} req/s ({})",
             run.name, run.requests_per_sec, run.command
+        );
+    }
+    for (name, run) in &report.open_loop {
+        let latency = &run.created_latency;
+        println!(
+            "  {:<22} orders at {:.0}/s: {} of {} created, 201 latency from due time p50 {} p99 {} p99.9 {} max {} ({})",
+            name,
+            run.offered_per_sec,
+            run.created,
+            run.sent,
+            format_us(latency.p50_us),
+            format_us(latency.p99_us),
+            format_us(latency.p999_us),
+            format_us(latency.max_us),
+            run.command
         );
     }
     if !report.ratios.is_empty() {

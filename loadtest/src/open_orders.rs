@@ -1,0 +1,487 @@
+//! `keydrop-load orders`: order requests at a fixed rate over plain HTTP/1.1
+//! keep-alive connections, for the latency of the order route at a given load.
+//!
+//! It is the open-loop counterpart of `wrk -s bench/wrk-orders.lua`: the same request
+//! (one order, a new buyer each time), but each is due at its own time on a fixed
+//! schedule and timed from then, not from when it left. A stall therefore counts
+//! against every order that should have gone out during it (no coordinated
+//! omission), and so does the generator's own lateness: its timers have a
+//! resolution of 1 ms, which the figures include.
+//!
+//! The drop's HTTP client (reqwest, JSON answers, the audit's bookkeeping) costs
+//! several times the CPU of a request written and read here, which matters when the
+//! generator shares two cores with the node it measures.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::stats::{format_us, new_histogram, write_json, Percentiles};
+use crate::target::http::loopback_url;
+
+/// Longest run; the schedule is bounded in time as well as in count.
+const SECS_MAX: f64 = 600.0;
+/// Most headers an answer may carry.
+const HEADERS_MAX: usize = 32;
+/// Largest answer head, and largest body, read before giving up on a connection.
+const HEAD_BYTES_MAX: usize = 16 * 1024;
+const BODY_BYTES_MAX: usize = 1024 * 1024;
+/// How long one answer may take before the connection is dropped and redialled.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args, Debug, Clone)]
+pub struct OrdersArgs {
+    /// The API v1 base URL (loopback).
+    #[arg(long)]
+    pub url: String,
+    /// The SKU whose orders are posted; stock it with more cards than `rate × secs`.
+    #[arg(long, default_value = "wrk-0")]
+    pub sku: String,
+    /// Orders per second, spread evenly over the run.
+    #[arg(long)]
+    pub rate: f64,
+    /// Length of the run.
+    #[arg(long, default_value_t = 10.0)]
+    pub secs: f64,
+    /// Keep-alive connections, each with at most one order in flight: the most
+    /// orders outstanding at once. When all are busy, due orders wait (and their
+    /// wait is counted).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Buyer ids are `<user-prefix><connection>-<n>`: a prefix no other run used
+    /// keeps per-user limits from refusing them.
+    #[arg(long, default_value = "open")]
+    pub user_prefix: String,
+    /// Also write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrdersReport {
+    pub command: String,
+    pub url: String,
+    pub offered_per_sec: f64,
+    pub secs: f64,
+    pub connections: usize,
+    pub sent: u64,
+    pub created: u64,
+    /// Answers other than 201, by status code.
+    pub other_statuses: Vec<(u16, u64)>,
+    /// Orders that got no answer (connection error or timeout).
+    pub failed: u64,
+    pub answered_per_sec: f64,
+    /// Latency of the 201 answers, from each order's due time.
+    pub created_latency: Percentiles,
+}
+
+pub fn main(args: OrdersArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = runtime.block_on(run(&args))?;
+    print(&report);
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+    }
+    ensure!(report.sent > 0, "no order was sent");
+    Ok(())
+}
+
+fn print(report: &OrdersReport) {
+    let latency = &report.created_latency;
+    println!(
+        "orders at {:.0}/s for {} s over {} connections: {} sent, {} created (201), {} failed, other answers {:?}; {:.0} answered/s",
+        report.offered_per_sec,
+        report.secs,
+        report.connections,
+        report.sent,
+        report.created,
+        report.failed,
+        report.other_statuses,
+        report.answered_per_sec,
+    );
+    println!(
+        "201 latency from due time: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        format_us(latency.p50_us),
+        format_us(latency.p90_us),
+        format_us(latency.p99_us),
+        format_us(latency.p999_us),
+        format_us(latency.max_us),
+    );
+}
+
+/// What one connection saw.
+struct ConnectionTally {
+    sent: u64,
+    created: Histogram<u64>,
+    other_statuses: Vec<(u16, u64)>,
+    failed: u64,
+}
+
+pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
+    ensure!(
+        args.rate.is_finite() && args.rate > 0.0,
+        "--rate must be above 0"
+    );
+    ensure!(
+        args.secs > 0.0 && args.secs <= SECS_MAX,
+        "--secs must be in (0, {SECS_MAX}]"
+    );
+    ensure!(args.connections > 0, "--connections must be at least 1");
+    let url = loopback_url(&args.url)?;
+    let address: SocketAddr = url
+        .socket_addrs(|| None)
+        .context("resolving the URL")?
+        .into_iter()
+        .next()
+        .context("the URL names no address")?;
+    let host = url.authority().to_owned();
+    let total = (args.rate * args.secs).round() as u64;
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let head = format!(
+        "POST /v1/skus/{}/orders HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: ",
+        args.sku
+    );
+    // Every connection is open before the clock starts, so dialling is not timed.
+    let mut streams = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        streams.push(dial(address).await?);
+    }
+    let start = Instant::now() + Duration::from_millis(20);
+    let connections = args.connections as u64;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(index, stream)| {
+            let schedule = Schedule {
+                start,
+                interval,
+                first: index as u64,
+                step: connections,
+                total,
+            };
+            let head = head.clone();
+            let user = format!("{}{index}-", args.user_prefix);
+            tokio::spawn(drive_connection(address, stream, schedule, head, user))
+        })
+        .collect();
+    let mut created = new_histogram();
+    let mut other: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
+    let (mut sent, mut failed) = (0, 0);
+    for task in tasks {
+        let tally = task.await.context("a connection task panicked")?;
+        sent += tally.sent;
+        failed += tally.failed;
+        created.add(&tally.created).context("merging latencies")?;
+        for (status, count) in tally.other_statuses {
+            *other.entry(status).or_default() += count;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64().max(args.secs);
+    let answered = created.len() + other.values().sum::<u64>();
+    Ok(OrdersReport {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        url: args.url.clone(),
+        offered_per_sec: args.rate,
+        secs: args.secs,
+        connections: args.connections,
+        sent,
+        created: created.len(),
+        other_statuses: other.into_iter().collect(),
+        failed,
+        answered_per_sec: answered as f64 / elapsed,
+        created_latency: Percentiles::of(&created),
+    })
+}
+
+/// The orders one connection sends: `first`, `first + step`, … below `total`, order
+/// `n` due at `start + n × interval`.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    interval: Duration,
+    first: u64,
+    step: u64,
+    total: u64,
+}
+
+impl Schedule {
+    fn due_times(self) -> impl Iterator<Item = (u64, Instant)> {
+        (self.first..self.total)
+            .step_by(self.step as usize)
+            .map(move |n| (n, self.start + self.interval.mul_f64(n as f64)))
+    }
+}
+
+async fn dial(address: SocketAddr) -> Result<TcpStream> {
+    let stream = TcpStream::connect(address)
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn drive_connection(
+    address: SocketAddr,
+    stream: TcpStream,
+    schedule: Schedule,
+    head: String,
+    user: String,
+) -> ConnectionTally {
+    let mut tally = ConnectionTally {
+        sent: 0,
+        created: new_histogram(),
+        other_statuses: Vec::new(),
+        failed: 0,
+    };
+    let mut stream = Some(stream);
+    let mut request = Vec::with_capacity(head.len() + 128);
+    let mut buffer = Vec::with_capacity(1024);
+    for (n, due) in schedule.due_times() {
+        tokio::time::sleep_until(due.into()).await;
+        request.clear();
+        let body = format!(r#"{{"user_id":"{user}{n}"}}"#);
+        request.extend_from_slice(head.as_bytes());
+        request.extend_from_slice(format!("{}\r\n\r\n{body}", body.len()).as_bytes());
+        tally.sent += 1;
+        let connection = match stream.take() {
+            Some(connection) => Ok(connection),
+            None => dial(address).await,
+        };
+        let answer = match connection {
+            Ok(mut connection) => {
+                let answer = tokio::time::timeout(
+                    ANSWER_TIMEOUT,
+                    exchange(&mut connection, &request, &mut buffer),
+                )
+                .await
+                .unwrap_or_else(|_| bail!("no answer within {ANSWER_TIMEOUT:?}"));
+                if answer.is_ok() {
+                    stream = Some(connection);
+                }
+                answer
+            }
+            Err(error) => Err(error),
+        };
+        match answer {
+            Ok(201) => {
+                let waited = due.elapsed().as_micros().max(1) as u64;
+                tally.created.saturating_record(waited);
+            }
+            Ok(status) => match tally.other_statuses.iter_mut().find(|(s, _)| *s == status) {
+                Some((_, count)) => *count += 1,
+                None => tally.other_statuses.push((status, 1)),
+            },
+            Err(error) => {
+                tracing::debug!(%error, "order failed; redialling");
+                tally.failed += 1;
+            }
+        }
+    }
+    tally
+}
+
+/// Writes one request and reads its answer; returns the status code.
+async fn exchange(stream: &mut TcpStream, request: &[u8], buffer: &mut Vec<u8>) -> Result<u16> {
+    stream.write_all(request).await?;
+    buffer.clear();
+    let (status, head_len, body_len) = loop {
+        if let Some(parsed) = parse_head(buffer)? {
+            break parsed;
+        }
+        ensure!(
+            buffer.len() < HEAD_BYTES_MAX,
+            "answer head over {HEAD_BYTES_MAX} bytes"
+        );
+        read_more(stream, buffer).await?;
+    };
+    ensure!(
+        body_len <= BODY_BYTES_MAX,
+        "answer body of {body_len} bytes"
+    );
+    while buffer.len() < head_len + body_len {
+        read_more(stream, buffer).await?;
+    }
+    ensure!(
+        buffer.len() == head_len + body_len,
+        "bytes past the answer: the server sent what was not asked for"
+    );
+    Ok(status)
+}
+
+async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 4096];
+    let read = stream.read(&mut chunk).await?;
+    if read == 0 {
+        bail!("connection closed by the server");
+    }
+    buffer.extend_from_slice(&chunk[..read]);
+    Ok(())
+}
+
+/// `(status, head length, body length)` once the head is complete.
+fn parse_head(bytes: &[u8]) -> Result<Option<(u16, usize, usize)>> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(head_len) = response.parse(bytes)? else {
+        return Ok(None);
+    };
+    let status = response.code.context("answer without a status code")?;
+    let mut body_len = None;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            bail!("chunked answers are not read here");
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let text = std::str::from_utf8(header.value).context("Content-Length")?;
+            body_len = Some(text.trim().parse::<usize>().context("Content-Length")?);
+        }
+    }
+    let body_len = body_len.context("answer without Content-Length")?;
+    Ok(Some((status, head_len, body_len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::Router;
+
+    use super::*;
+
+    #[test]
+    fn schedules_interleave_and_cover_every_order_once() {
+        let start = Instant::now();
+        let total = 10;
+        let mut seen: Vec<u64> = (0..3)
+            .flat_map(|first| {
+                Schedule {
+                    start,
+                    interval: Duration::from_millis(2),
+                    first,
+                    step: 3,
+                    total,
+                }
+                .due_times()
+                .map(move |(n, due)| {
+                    assert_eq!(due - start, Duration::from_millis(2 * n));
+                    n
+                })
+            })
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..total).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn heads_parse_only_when_complete() {
+        let answer = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_head(&answer[..20]).unwrap(), None);
+        let (status, head_len, body_len) = parse_head(answer).unwrap().unwrap();
+        assert_eq!((status, body_len), (201, 2));
+        assert_eq!(&answer[head_len..], b"{}");
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err(), "no length");
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+    }
+
+    /// A server that answers the first 3 orders 409 and the rest 201 after 5 ms.
+    async fn slow_server() -> (String, Arc<AtomicU64>) {
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&seen);
+        let app = Router::new().route(
+            "/v1/skus/{sku}/orders",
+            post(move |body: String| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    assert!(body.starts_with(r#"{"user_id":"t"#), "{body}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if counter.fetch_add(1, Ordering::SeqCst) < 3 {
+                        (StatusCode::CONFLICT, "{}")
+                    } else {
+                        (StatusCode::CREATED, "{}")
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn sends_the_schedule_and_times_from_due_time() {
+        let (url, seen) = slow_server().await;
+        let args = OrdersArgs {
+            url,
+            sku: "s-0".into(),
+            rate: 400.0,
+            secs: 0.5,
+            connections: 4,
+            user_prefix: "t".into(),
+            json: None,
+        };
+        let report = run(&args).await.unwrap();
+        assert_eq!(report.sent, 200);
+        assert_eq!(seen.load(Ordering::SeqCst), 200);
+        assert_eq!(report.created, 197);
+        assert_eq!(report.other_statuses, vec![(409, 3)]);
+        assert_eq!(report.failed, 0);
+        assert!(
+            report.created_latency.p50_us >= 5_000,
+            "latency counts the server's 5 ms: {:?}",
+            report.created_latency
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_cannot_keep_up_shows_in_the_latency() {
+        // 4 connections × one 5 ms answer each = at most 800/s; ask for 2,000/s.
+        let (url, _) = slow_server().await;
+        let args = OrdersArgs {
+            url,
+            sku: "s-0".into(),
+            rate: 2000.0,
+            secs: 0.2,
+            connections: 4,
+            user_prefix: "t".into(),
+            json: None,
+        };
+        let report = run(&args).await.unwrap();
+        assert_eq!(report.sent, 400);
+        // The last orders were due at 0.2 s but could only finish near 0.5 s.
+        assert!(
+            report.created_latency.max_us >= 250_000,
+            "queueing behind busy connections is counted: {:?}",
+            report.created_latency
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_a_bad_rate_and_a_remote_url() {
+        let mut args = OrdersArgs {
+            url: "http://127.0.0.1:9".into(),
+            sku: "s-0".into(),
+            rate: 0.0,
+            secs: 1.0,
+            connections: 1,
+            user_prefix: "t".into(),
+            json: None,
+        };
+        assert!(run(&args).await.is_err());
+        args.rate = 10.0;
+        args.url = "http://192.0.2.1:80".into();
+        assert!(run(&args).await.is_err());
+    }
+}
