@@ -18,6 +18,7 @@
 //! - expiry and cancellation return the card to stock.
 
 mod model;
+mod prefault;
 
 pub use model::{
     Card, CardState, Command, Event, ImportOutcome, LimitScope, NewCard, Order, OrderStatus,
@@ -29,8 +30,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Maps keyed by buyer-controlled strings (user, device, idempotency key): foldhash's
 /// seeded quality hasher is several times cheaper than SipHash on the purchase path
-/// and still randomised per process.
-type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+/// and still randomised per process. Their large blocks are faulted in when
+/// allocated (see `prefault.rs`).
+type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::quality::RandomState, Prefaulted>;
 
 use crate::clock::Timestamp;
 use crate::ids::{CardSerial, DeviceId, IdempotencyKey, OrderId, SkuId, UserId};
@@ -39,6 +41,7 @@ use crate::limits::{
     REFUSED_PAYMENTS_PER_ORDER_MAX,
 };
 use crate::vault::SealedSecret;
+use prefault::Prefaulted;
 
 /// Index of a card within its SKU, in import order.
 pub type CardIndex = u32;
