@@ -316,7 +316,7 @@ pub fn print_table(report: &DropReport) {
     for (name, run) in &report.open_loop {
         let latency = &run.created_latency;
         println!(
-            "  {:<22} orders at {:.0}/s: {} of {} created, 201 latency from due time p50 {} p99 {} p99.9 {} max {} ({})",
+            "  {:<22} orders at {:.0}/s: {} of {} created, 201 latency from due time p50 {} p99 {} p99.9 {} max {}; generator lag p99 {} ({})",
             name,
             run.offered_per_sec,
             run.created,
@@ -325,6 +325,7 @@ pub fn print_table(report: &DropReport) {
             format_us(latency.p99_us),
             format_us(latency.p999_us),
             format_us(latency.max_us),
+            format_us(run.send_lag.p99_us),
             run.command
         );
     }
