@@ -41,10 +41,10 @@ const HTTP_DURATION_BUCKETS: &[f64] = &[
 const FSYNC_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
-/// Requests per journal batch, up to the engine's `JOURNAL_BATCH_REQUESTS_MAX` (4096).
 /// Time a small batch is held for more requests: 50 µs steps up to the default
 /// 200 µs linger, then coarser for a configured longer one.
 const LINGER_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00015, 0.0002, 0.0005, 0.001, 0.005];
+/// Requests per journal batch, up to the engine's `JOURNAL_BATCH_REQUESTS_MAX` (4096).
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
