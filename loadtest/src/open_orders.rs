@@ -419,6 +419,19 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
     }
 
+    /// Orders for SKU `s-0` from buyers `t<connection>-<n>`, no JSON file.
+    fn test_args(url: String, rate: f64, secs: f64, connections: usize) -> OrdersArgs {
+        OrdersArgs {
+            url,
+            sku: "s-0".into(),
+            rate,
+            secs,
+            connections,
+            user_prefix: "t".into(),
+            json: None,
+        }
+    }
+
     /// A server that answers the first 3 orders 409 and the rest 201 after 5 ms.
     async fn slow_server() -> (String, Arc<AtomicU64>) {
         let seen = Arc::new(AtomicU64::new(0));
@@ -447,15 +460,7 @@ mod tests {
     #[tokio::test]
     async fn sends_the_schedule_and_times_from_due_time() {
         let (url, seen) = slow_server().await;
-        let args = OrdersArgs {
-            url,
-            sku: "s-0".into(),
-            rate: 400.0,
-            secs: 0.5,
-            connections: 4,
-            user_prefix: "t".into(),
-            json: None,
-        };
+        let args = test_args(url, 400.0, 0.5, 4);
         let report = run(&args).await.unwrap();
         assert_eq!(report.sent, 200);
         assert_eq!(seen.load(Ordering::SeqCst), 200);
@@ -478,15 +483,7 @@ mod tests {
     async fn a_server_that_cannot_keep_up_shows_in_the_latency() {
         // 4 connections × one 5 ms answer each = at most 800/s; ask for 2,000/s.
         let (url, _) = slow_server().await;
-        let args = OrdersArgs {
-            url,
-            sku: "s-0".into(),
-            rate: 2000.0,
-            secs: 0.2,
-            connections: 4,
-            user_prefix: "t".into(),
-            json: None,
-        };
+        let args = test_args(url, 2000.0, 0.2, 4);
         let report = run(&args).await.unwrap();
         assert_eq!(report.sent, 400);
         // The last orders were due at 0.2 s but could only finish near 0.5 s.
@@ -504,15 +501,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_a_bad_rate_and_a_remote_url() {
-        let mut args = OrdersArgs {
-            url: "http://127.0.0.1:9".into(),
-            sku: "s-0".into(),
-            rate: 0.0,
-            secs: 1.0,
-            connections: 1,
-            user_prefix: "t".into(),
-            json: None,
-        };
+        let mut args = test_args("http://127.0.0.1:9".into(), 0.0, 1.0, 1);
         assert!(run(&args).await.is_err());
         args.rate = 10.0;
         args.url = "http://192.0.2.1:80".into();

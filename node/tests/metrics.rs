@@ -68,15 +68,7 @@ async fn metrics_pass_promtool_and_cover_rules_and_dashboard() {
         .unwrap();
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
 
-    let text = node
-        .http
-        .get(node.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = node.metrics_text().await;
     assert!(text.contains("keydrop_http_request_duration_seconds_bucket{route=\"/v1/skus/{sku}/orders\",le=\"0.005\"}"), "{text}");
     // Each request is counted once, under its route template and status.
     for series in [

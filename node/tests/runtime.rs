@@ -6,15 +6,7 @@ mod common;
 use common::Node;
 
 async fn workers_exported(node: &Node) -> String {
-    let text = node
-        .http
-        .get(node.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = node.metrics_text().await;
     text.lines()
         .find_map(|line| line.strip_prefix("keydrop_runtime_workers "))
         .unwrap_or_else(|| panic!("no keydrop_runtime_workers in:\n{text}"))

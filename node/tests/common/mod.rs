@@ -314,17 +314,21 @@ impl Node {
         .await
     }
 
-    /// The value of one sample in the `/metrics` text (0 when absent).
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.at("/metrics"))
             .send()
             .await
             .expect("scrape")
             .text()
             .await
-            .expect("metrics text");
+            .expect("metrics text")
+    }
+
+    /// The value of one sample in the `/metrics` text (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
