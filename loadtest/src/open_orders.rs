@@ -85,7 +85,37 @@ pub struct OrdersReport {
     /// CPU show here, not a slow server; when this is near the latency, the figure
     /// measures the generator.
     pub send_lag: Percentiles,
+    /// When the schedule started, in milliseconds since the Unix epoch, to line a
+    /// slow second up with the node's logs and metrics.
+    pub started_at_unix_ms: u64,
+    /// The schedule second by second (orders by due time): a stall shows as the
+    /// seconds it spans, which one overall percentile cannot tell apart from a
+    /// tail spread over the whole run.
+    pub timeline: Vec<ScheduleSecond>,
 }
+
+/// The orders due in one second of the schedule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSecond {
+    /// Seconds from the start of the schedule.
+    pub second: u64,
+    pub due: u64,
+    pub created: u64,
+    /// The slowest 201 among them, from due time.
+    pub slowest_created_us: u64,
+}
+
+impl ScheduleSecond {
+    fn merge(&mut self, other: &ScheduleSecond) {
+        debug_assert_eq!(self.second, other.second);
+        self.due += other.due;
+        self.created += other.created;
+        self.slowest_created_us = self.slowest_created_us.max(other.slowest_created_us);
+    }
+}
+
+/// How many of the slowest seconds are printed.
+const SLOWEST_SECONDS_SHOWN: usize = 3;
 
 pub fn main(args: OrdersArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -129,6 +159,32 @@ fn print(report: &OrdersReport) {
         format_us(lag.p99_us),
         format_us(lag.max_us),
     );
+    let mut slowest: Vec<&ScheduleSecond> = report
+        .timeline
+        .iter()
+        .filter(|second| second.created > 0)
+        .collect();
+    slowest.sort_by_key(|second| std::cmp::Reverse(second.slowest_created_us));
+    let shown: Vec<String> = slowest
+        .iter()
+        .take(SLOWEST_SECONDS_SHOWN)
+        .map(|second| {
+            format!(
+                "+{} s: max {} ({} of {} due created)",
+                second.second,
+                format_us(second.slowest_created_us),
+                second.created,
+                second.due
+            )
+        })
+        .collect();
+    if !shown.is_empty() {
+        println!(
+            "slowest seconds of the schedule (started at {} ms since the epoch): {}",
+            report.started_at_unix_ms,
+            shown.join("; ")
+        );
+    }
 }
 
 /// What one connection saw.
@@ -138,6 +194,7 @@ struct ConnectionTally {
     send_lag: Histogram<u64>,
     other_statuses: Vec<(u16, u64)>,
     failed: u64,
+    timeline: Vec<ScheduleSecond>,
 }
 
 pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
@@ -169,7 +226,12 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     for _ in 0..args.connections {
         streams.push(dial(address).await?);
     }
-    let start = Instant::now() + Duration::from_millis(20);
+    let lead = Duration::from_millis(20);
+    let start = Instant::now() + lead;
+    let started_at_unix_ms = (std::time::SystemTime::now() + lead)
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_millis() as u64;
     let connections = args.connections as u64;
     let tasks: Vec<_> = streams
         .into_iter()
@@ -191,8 +253,16 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     let mut send_lag = new_histogram();
     let mut other: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
     let (mut sent, mut failed) = (0, 0);
+    let mut timeline: Vec<ScheduleSecond> = Vec::new();
     for task in tasks {
         let tally = task.await.context("a connection task panicked")?;
+        if timeline.is_empty() {
+            timeline = tally.timeline.clone();
+        } else {
+            for (merged, second) in timeline.iter_mut().zip(&tally.timeline) {
+                merged.merge(second);
+            }
+        }
         sent += tally.sent;
         failed += tally.failed;
         created.add(&tally.created).context("merging latencies")?;
@@ -216,6 +286,8 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         answered_per_sec: answered as f64 / elapsed,
         created_latency: Percentiles::of(&created),
         send_lag: Percentiles::of(&send_lag),
+        started_at_unix_ms,
+        timeline,
     })
 }
 
@@ -231,6 +303,17 @@ struct Schedule {
 }
 
 impl Schedule {
+    /// One empty tally per second the schedule spans.
+    fn seconds(self) -> Vec<ScheduleSecond> {
+        let span = self.interval.mul_f64(self.total.saturating_sub(1) as f64);
+        (0..=span.as_secs())
+            .map(|second| ScheduleSecond {
+                second,
+                ..ScheduleSecond::default()
+            })
+            .collect()
+    }
+
     fn due_times(self) -> impl Iterator<Item = (u64, Instant)> {
         (self.first..self.total)
             .step_by(self.step as usize)
@@ -259,6 +342,7 @@ async fn drive_connection(
         send_lag: new_histogram(),
         other_statuses: Vec::new(),
         failed: 0,
+        timeline: schedule.seconds(),
     };
     let mut stream = Some(stream);
     let mut request = Vec::with_capacity(head.len() + 128);
@@ -295,10 +379,14 @@ async fn drive_connection(
             Err(error) => Err(error),
         };
         previous_answer = Instant::now();
+        let second = &mut tally.timeline[(due - schedule.start).as_secs() as usize];
+        second.due += 1;
         match answer {
             Ok(201) => {
                 let waited = due.elapsed().as_micros().max(1) as u64;
                 tally.created.saturating_record(waited);
+                second.created += 1;
+                second.slowest_created_us = second.slowest_created_us.max(waited);
             }
             Ok(status) => match tally.other_statuses.iter_mut().find(|(s, _)| *s == status) {
                 Some((_, count)) => *count += 1,
@@ -409,6 +497,29 @@ mod tests {
     }
 
     #[test]
+    fn the_timeline_spans_every_due_second() {
+        let start = Instant::now();
+        let schedule = |total| Schedule {
+            start,
+            interval: Duration::from_millis(250),
+            first: 0,
+            step: 1,
+            total,
+        };
+        // Orders due at 0, 0.25, …, 2.0 s: seconds 0, 1 and 2.
+        let seconds = schedule(9).seconds();
+        assert_eq!(
+            seconds.iter().map(|s| s.second).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        for (n, due) in schedule(9).due_times() {
+            let index = (due - start).as_secs() as usize;
+            assert!(index < seconds.len(), "order {n} due past the timeline");
+        }
+        assert_eq!(schedule(1).seconds().len(), 1);
+    }
+
+    #[test]
     fn heads_parse_only_when_complete() {
         let answer = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         assert_eq!(parse_head(&answer[..20]).unwrap(), None);
@@ -467,6 +578,18 @@ mod tests {
         assert_eq!(report.created, 197);
         assert_eq!(report.other_statuses, vec![(409, 3)]);
         assert_eq!(report.failed, 0);
+        assert_eq!(report.timeline.len(), 1, "0.5 s of schedule is one second");
+        assert_eq!(
+            (report.timeline[0].due, report.timeline[0].created),
+            (200, 197)
+        );
+        // The histogram keeps three significant digits; the timeline the exact value.
+        let slowest = report.timeline[0].slowest_created_us;
+        assert!(
+            slowest.abs_diff(report.created_latency.max_us) <= slowest / 100,
+            "{slowest} µs against {:?}",
+            report.created_latency
+        );
         assert!(
             report.created_latency.p50_us >= 5_000,
             "latency counts the server's 5 ms: {:?}",
