@@ -49,6 +49,12 @@ pub struct OrdersArgs {
     /// Length of the run.
     #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
+    /// Seconds of orders at the same rate, over the same connections, sent before
+    /// the measured run and left out of every figure: a node's first moments on
+    /// thousands of new connections (accepting them, growing buffers) are not what
+    /// the run measures.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_secs: f64,
     /// Keep-alive connections, each with at most one order in flight: the most
     /// orders outstanding at once. When all are busy, due orders wait (and their
     /// wait is counted).
@@ -70,6 +76,8 @@ pub struct OrdersReport {
     pub offered_per_sec: f64,
     pub secs: f64,
     pub connections: usize,
+    /// Orders sent in the warm-up, not counted below.
+    pub warmup_orders: u64,
     pub sent: u64,
     pub created: u64,
     /// Answers other than 201, by status code.
@@ -79,13 +87,19 @@ pub struct OrdersReport {
     pub answered_per_sec: f64,
     /// Latency of the 201 answers, from each order's due time.
     pub created_latency: Percentiles,
+    /// The same answers timed from when each order was written to its connection:
+    /// the node's part alone, without the wait for a free connection that a crowd
+    /// of buyers, each on a connection of their own, would not have.
+    pub created_from_send: Percentiles,
+    /// 503 answers timed from send: shedding is only worth it when it is quick.
+    pub overloaded_from_send: Percentiles,
     /// How late orders left for reasons of the generator's own: from the moment an
     /// order could go (its due time, or the answer before it on its connection if
     /// that came later) to when it went. Timer resolution and a generator starved of
     /// CPU show here, not a slow server; when this is near the latency, the figure
     /// measures the generator.
     pub send_lag: Percentiles,
-    /// When the schedule started, in milliseconds since the Unix epoch, to line a
+    /// When the measured schedule started, in milliseconds since the Unix epoch, to line a
     /// slow second up with the node's logs and metrics.
     pub started_at_unix_ms: u64,
     /// The schedule second by second (orders by due time): a stall shows as the
@@ -134,10 +148,11 @@ pub fn main(args: OrdersArgs) -> Result<()> {
 fn print(report: &OrdersReport) {
     let latency = &report.created_latency;
     println!(
-        "orders at {:.0}/s for {} s over {} connections: {} sent, {} created (201), {} failed, other answers {:?}; {:.0} answered/s",
+        "orders at {:.0}/s for {} s over {} connections (after {} warm-up orders): {} sent, {} created (201), {} failed, other answers {:?}; {:.0} answered/s",
         report.offered_per_sec,
         report.secs,
         report.connections,
+        report.warmup_orders,
         report.sent,
         report.created,
         report.failed,
@@ -151,6 +166,14 @@ fn print(report: &OrdersReport) {
         format_us(latency.p99_us),
         format_us(latency.p999_us),
         format_us(latency.max_us),
+    );
+    let from_send = &report.created_from_send;
+    println!(
+        "201 latency from send: p50 {}  p99 {}  max {}; 503 from send: p99 {}",
+        format_us(from_send.p50_us),
+        format_us(from_send.p99_us),
+        format_us(from_send.max_us),
+        format_us(report.overloaded_from_send.p99_us),
     );
     let lag = &report.send_lag;
     println!(
@@ -191,6 +214,8 @@ fn print(report: &OrdersReport) {
 struct ConnectionTally {
     sent: u64,
     created: Histogram<u64>,
+    created_from_send: Histogram<u64>,
+    overloaded_from_send: Histogram<u64>,
     send_lag: Histogram<u64>,
     other_statuses: Vec<(u16, u64)>,
     failed: u64,
@@ -206,6 +231,10 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         args.secs > 0.0 && args.secs <= SECS_MAX,
         "--secs must be in (0, {SECS_MAX}]"
     );
+    ensure!(
+        args.warmup_secs >= 0.0 && args.warmup_secs + args.secs <= SECS_MAX,
+        "--warmup-secs must be at least 0, and with --secs at most {SECS_MAX}"
+    );
     ensure!(args.connections > 0, "--connections must be at least 1");
     let url = loopback_url(&args.url)?;
     let address: SocketAddr = url
@@ -215,7 +244,8 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         .next()
         .context("the URL names no address")?;
     let host = url.authority().to_owned();
-    let total = (args.rate * args.secs).round() as u64;
+    let warmup = (args.rate * args.warmup_secs).round() as u64;
+    let total = warmup + (args.rate * args.secs).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let head = format!(
         "POST /v1/skus/{}/orders HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: ",
@@ -226,8 +256,9 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     for _ in 0..args.connections {
         streams.push(dial(address).await?);
     }
-    let lead = Duration::from_millis(20);
-    let start = Instant::now() + lead;
+    let lead = Duration::from_millis(20) + interval.mul_f64(warmup as f64);
+    let start = Instant::now() + Duration::from_millis(20);
+    let measured_start = start + interval.mul_f64(warmup as f64);
     let started_at_unix_ms = (std::time::SystemTime::now() + lead)
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
@@ -243,6 +274,7 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
                 first: index as u64,
                 step: connections,
                 total,
+                warmup,
             };
             let head = head.clone();
             let user = format!("{}{index}-", args.user_prefix);
@@ -250,6 +282,8 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         })
         .collect();
     let mut created = new_histogram();
+    let mut created_from_send = new_histogram();
+    let mut overloaded_from_send = new_histogram();
     let mut send_lag = new_histogram();
     let mut other: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
     let (mut sent, mut failed) = (0, 0);
@@ -266,12 +300,18 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         sent += tally.sent;
         failed += tally.failed;
         created.add(&tally.created).context("merging latencies")?;
+        created_from_send
+            .add(&tally.created_from_send)
+            .context("merging latencies")?;
+        overloaded_from_send
+            .add(&tally.overloaded_from_send)
+            .context("merging latencies")?;
         send_lag.add(&tally.send_lag).context("merging send lags")?;
         for (status, count) in tally.other_statuses {
             *other.entry(status).or_default() += count;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64().max(args.secs);
+    let elapsed = measured_start.elapsed().as_secs_f64().max(args.secs);
     let answered = created.len() + other.values().sum::<u64>();
     Ok(OrdersReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -279,12 +319,15 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         offered_per_sec: args.rate,
         secs: args.secs,
         connections: args.connections,
+        warmup_orders: warmup,
         sent,
         created: created.len(),
         other_statuses: other.into_iter().collect(),
         failed,
         answered_per_sec: answered as f64 / elapsed,
         created_latency: Percentiles::of(&created),
+        created_from_send: Percentiles::of(&created_from_send),
+        overloaded_from_send: Percentiles::of(&overloaded_from_send),
         send_lag: Percentiles::of(&send_lag),
         started_at_unix_ms,
         timeline,
@@ -292,7 +335,7 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
 }
 
 /// The orders one connection sends: `first`, `first + step`, … below `total`, order
-/// `n` due at `start + n × interval`.
+/// `n` due at `start + n × interval`; those below `warmup` are not measured.
 #[derive(Clone, Copy)]
 struct Schedule {
     start: Instant,
@@ -300,12 +343,24 @@ struct Schedule {
     first: u64,
     step: u64,
     total: u64,
+    warmup: u64,
 }
 
 impl Schedule {
-    /// One empty tally per second the schedule spans.
+    /// When the first measured order is due.
+    fn measured_start(self) -> Instant {
+        self.start + self.interval.mul_f64(self.warmup as f64)
+    }
+
+    /// Which second of the measured schedule an order due then falls in.
+    fn second_of(self, due: Instant) -> usize {
+        (due - self.measured_start()).as_secs() as usize
+    }
+
+    /// One empty tally per second the measured schedule spans.
     fn seconds(self) -> Vec<ScheduleSecond> {
-        let span = self.interval.mul_f64(self.total.saturating_sub(1) as f64);
+        let measured = self.total.saturating_sub(self.warmup);
+        let span = self.interval.mul_f64(measured.saturating_sub(1) as f64);
         (0..=span.as_secs())
             .map(|second| ScheduleSecond {
                 second,
@@ -339,6 +394,8 @@ async fn drive_connection(
     let mut tally = ConnectionTally {
         sent: 0,
         created: new_histogram(),
+        created_from_send: new_histogram(),
+        overloaded_from_send: new_histogram(),
         send_lag: new_histogram(),
         other_statuses: Vec::new(),
         failed: 0,
@@ -355,10 +412,14 @@ async fn drive_connection(
         let body = format!(r#"{{"user_id":"{user}{n}"}}"#);
         request.extend_from_slice(head.as_bytes());
         request.extend_from_slice(format!("{}\r\n\r\n{body}", body.len()).as_bytes());
-        tally.sent += 1;
-        tally
-            .send_lag
-            .saturating_record(could_go.elapsed().as_micros().max(1) as u64);
+        let measured = n >= schedule.warmup;
+        if measured {
+            tally.sent += 1;
+            tally
+                .send_lag
+                .saturating_record(could_go.elapsed().as_micros().max(1) as u64);
+        }
+        let sent_at = Instant::now();
         let connection = match stream.take() {
             Some(connection) => Ok(connection),
             None => dial(address).await,
@@ -379,19 +440,32 @@ async fn drive_connection(
             Err(error) => Err(error),
         };
         previous_answer = Instant::now();
-        let second = &mut tally.timeline[(due - schedule.start).as_secs() as usize];
+        if !measured {
+            continue;
+        }
+        let second = &mut tally.timeline[schedule.second_of(due)];
         second.due += 1;
         match answer {
             Ok(201) => {
                 let waited = due.elapsed().as_micros().max(1) as u64;
                 tally.created.saturating_record(waited);
+                tally
+                    .created_from_send
+                    .saturating_record(sent_at.elapsed().as_micros().max(1) as u64);
                 second.created += 1;
                 second.slowest_created_us = second.slowest_created_us.max(waited);
             }
-            Ok(status) => match tally.other_statuses.iter_mut().find(|(s, _)| *s == status) {
-                Some((_, count)) => *count += 1,
-                None => tally.other_statuses.push((status, 1)),
-            },
+            Ok(status) => {
+                if status == 503 {
+                    tally
+                        .overloaded_from_send
+                        .saturating_record(sent_at.elapsed().as_micros().max(1) as u64);
+                }
+                match tally.other_statuses.iter_mut().find(|(s, _)| *s == status) {
+                    Some((_, count)) => *count += 1,
+                    None => tally.other_statuses.push((status, 1)),
+                }
+            }
             Err(error) => {
                 tracing::debug!(%error, "order failed; redialling");
                 tally.failed += 1;
@@ -484,6 +558,7 @@ mod tests {
                     first,
                     step: 3,
                     total,
+                    warmup: 0,
                 }
                 .due_times()
                 .map(move |(n, due)| {
@@ -505,6 +580,7 @@ mod tests {
             first: 0,
             step: 1,
             total,
+            warmup: 0,
         };
         // Orders due at 0, 0.25, …, 2.0 s: seconds 0, 1 and 2.
         let seconds = schedule(9).seconds();
@@ -517,6 +593,18 @@ mod tests {
             assert!(index < seconds.len(), "order {n} due past the timeline");
         }
         assert_eq!(schedule(1).seconds().len(), 1);
+        // With the first 4 (1 s) as warm-up, the measured 5 are due at 1.0-2.0 s.
+        let warmed = Schedule {
+            warmup: 4,
+            ..schedule(9)
+        };
+        assert_eq!(warmed.seconds().len(), 2);
+        let measured: Vec<usize> = warmed
+            .due_times()
+            .filter(|(n, _)| *n >= 4)
+            .map(|(_, due)| warmed.second_of(due))
+            .collect();
+        assert_eq!(measured, vec![0, 0, 0, 0, 1]);
     }
 
     #[test]
@@ -537,6 +625,7 @@ mod tests {
             sku: "s-0".into(),
             rate,
             secs,
+            warmup_secs: 0.0,
             connections,
             user_prefix: "t".into(),
             json: None,
@@ -603,6 +692,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn warm_up_orders_are_sent_but_not_counted() {
+        let (url, seen) = slow_server().await;
+        let mut args = test_args(url, 400.0, 0.25, 4);
+        args.warmup_secs = 0.25;
+        let report = run(&args).await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 200, "both parts were sent");
+        assert_eq!((report.warmup_orders, report.sent), (100, 100));
+        // The server's three 409s went to the warm-up.
+        assert_eq!((report.created, report.other_statuses.len()), (100, 0));
+        let due: u64 = report.timeline.iter().map(|second| second.due).sum();
+        assert_eq!(due, 100);
+    }
+
+    #[tokio::test]
     async fn a_server_that_cannot_keep_up_shows_in_the_latency() {
         // 4 connections × one 5 ms answer each = at most 800/s; ask for 2,000/s.
         let (url, _) = slow_server().await;
@@ -620,6 +723,12 @@ mod tests {
             "waiting for a busy connection is the server's, not the generator's: {:?}",
             report.send_lag
         );
+        assert!(
+            report.created_from_send.max_us < 100_000,
+            "from send, each order took the server's 5 ms, not the queue: {:?}",
+            report.created_from_send
+        );
+        assert!(report.created_from_send.p50_us >= 5_000);
     }
 
     #[tokio::test]
