@@ -192,7 +192,8 @@ pub struct RecoveryReport {
 
 /// Ceiling on flush and compaction writes. A memtable flush (64 MiB in, about
 /// 40 MB out) then takes about a second of the disk instead of a 200 ms burst, and a
-/// drop at 50,000 orders/s writes the journal at about 8 MB/s, far below it.
+/// drop at 50,000 orders/s writes the journal at about 7 MB/s (about 130 bytes per
+/// order in a flushed memtable), far below it.
 const BACKGROUND_WRITE_BYTES_PER_SEC: i64 = 48 << 20;
 /// Table files are handed to the disk every this many bytes as they are written,
 /// not all at once by the sync that ends the flush.
@@ -247,7 +248,8 @@ impl Journal {
         db_options.set_bytes_per_sync(BACKGROUND_SYNC_BYTES);
         // A reused WAL file is overwritten in place: an fsync then carries no size
         // change (no inode write) and no block allocation, and no 64 MB file is
-        // unlinked (and discarded) beside the buyers' syncs.
+        // unlinked (and, on a disk mounted with discard, trimmed) beside the buyers'
+        // syncs.
         db_options.set_recycle_log_file_num(RECYCLED_LOG_FILES);
         let cf = |name: &str| {
             let mut cf_options = Options::default();
@@ -810,7 +812,8 @@ mod tests {
         assert!(flushers.iter().all(|&nice| nice == 19), "{flushers:?}");
     }
 
-    /// Records `from..to` of SKU `recycle`, each written and synced.
+    /// Records `from..to` of SKU `recycle`, each written to the WAL (not synced: the
+    /// process does not die, so the page cache keeps them).
     fn put_records(journal: &Journal, from: u64, to: u64) {
         let sku = SkuId::parse("recycle").unwrap();
         for seq in from..to {

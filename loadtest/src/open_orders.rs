@@ -443,7 +443,10 @@ async fn drive_connection(
         if !measured {
             continue;
         }
-        let second = &mut tally.timeline[schedule.second_of(due)];
+        // The span and each due time are rounded separately; the last order may
+        // land a hair past the last second.
+        let last = tally.timeline.len() - 1;
+        let second = &mut tally.timeline[schedule.second_of(due).min(last)];
         second.due += 1;
         match answer {
             Ok(201) => {
