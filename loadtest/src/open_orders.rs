@@ -256,25 +256,28 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     for _ in 0..args.connections {
         streams.push(dial(address).await?);
     }
-    let lead = Duration::from_millis(20) + interval.mul_f64(warmup as f64);
-    let start = Instant::now() + Duration::from_millis(20);
-    let measured_start = start + interval.mul_f64(warmup as f64);
-    let started_at_unix_ms = (std::time::SystemTime::now() + lead)
+    let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
+    // Connection `index` sends orders `index`, `index + connections`, …
+    let whole = Schedule {
+        start: now + Duration::from_millis(20),
+        interval,
+        first: 0,
+        step: args.connections as u64,
+        total,
+        warmup,
+    };
+    let measured_start = whole.measured_start();
+    let started_at_unix_ms = (wall_now + (measured_start - now))
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_millis() as u64;
-    let connections = args.connections as u64;
     let tasks: Vec<_> = streams
         .into_iter()
         .enumerate()
         .map(|(index, stream)| {
             let schedule = Schedule {
-                start,
-                interval,
                 first: index as u64,
-                step: connections,
-                total,
-                warmup,
+                ..whole
             };
             let head = head.clone();
             let user = format!("{}{index}-", args.user_prefix);
@@ -287,15 +290,11 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     let mut send_lag = new_histogram();
     let mut other: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
     let (mut sent, mut failed) = (0, 0);
-    let mut timeline: Vec<ScheduleSecond> = Vec::new();
+    let mut timeline = whole.seconds();
     for task in tasks {
         let tally = task.await.context("a connection task panicked")?;
-        if timeline.is_empty() {
-            timeline = tally.timeline.clone();
-        } else {
-            for (merged, second) in timeline.iter_mut().zip(&tally.timeline) {
-                merged.merge(second);
-            }
+        for (merged, second) in timeline.iter_mut().zip(&tally.timeline) {
+            merged.merge(second);
         }
         sent += tally.sent;
         failed += tally.failed;
