@@ -31,6 +31,7 @@ use keydrop_engine::{DeviceId, UserId};
 
 use crate::config::Config;
 use crate::lag::LagMonitor;
+use crate::order_slots::{Bound, OrderSlot, OrderSlots};
 
 /// How often idle buckets are dropped.
 pub const EVICT_INTERVAL: Duration = Duration::from_secs(5);
@@ -101,8 +102,9 @@ pub struct Admission {
     per_device: Option<Limiter<u64>>,
     trusted_proxies: Vec<IpAddr>,
     hasher: std::hash::RandomState,
-    /// Slots for order requests being served; `None` when unbounded.
-    order_slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// Slots for orders inside the node, and how their bound moves; `None` when
+    /// unbounded.
+    pub order_slots: Option<(std::sync::Arc<OrderSlots>, Bound)>,
     /// Scheduling lag, and the lag past which orders are shed; `None` when off.
     pub lag: std::sync::Arc<LagMonitor>,
     pub shed_lag: Option<Duration>,
@@ -113,7 +115,7 @@ pub struct Admission {
 pub enum Overload {
     /// The workers are running behind: requests already wait in front of the handlers.
     Lag,
-    /// Every order slot is taken.
+    /// Every order slot is taken (see `order_slots.rs`).
     InFlight,
 }
 
@@ -130,7 +132,7 @@ impl Admission {
     /// Lets one order request in, holding a slot (when slots are bounded) that frees
     /// itself when dropped; or says why the node is too busy for it, and the caller
     /// answers 503 at once.
-    pub fn admit_order(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Overload> {
+    pub fn admit_order(&self) -> Result<Option<OrderSlot<'_>>, Overload> {
         if self
             .shed_lag
             .is_some_and(|limit| self.lag.current() > limit)
@@ -139,19 +141,20 @@ impl Admission {
         }
         match &self.order_slots {
             None => Ok(None),
-            Some(slots) => std::sync::Arc::clone(slots)
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| Overload::InFlight),
+            Some((slots, _)) => slots.try_acquire().map(Some).ok_or(Overload::InFlight),
         }
     }
 
     pub fn new(config: &Config) -> Self {
         Admission {
             order_slots: (config.orders_in_flight_max > 0).then(|| {
-                std::sync::Arc::new(tokio::sync::Semaphore::new(
-                    config.orders_in_flight_max as usize,
-                ))
+                let bound = Bound::new(
+                    config.orders_in_flight_min,
+                    config.orders_in_flight_max,
+                    (config.orders_in_flight_target_ms > 0)
+                        .then(|| Duration::from_millis(config.orders_in_flight_target_ms.into())),
+                );
+                (std::sync::Arc::new(OrderSlots::new(bound.initial())), bound)
             }),
             per_user: Limiter::new(Scope::User, config.rate_per_user, config.burst_per_user),
             per_ip: Limiter::new(Scope::Ip, config.rate_per_ip, config.burst_per_ip),

@@ -43,9 +43,17 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a shutdown waits for in-flight requests before it stops anyway.
     pub shutdown_grace_secs: u64,
-    /// Order requests being served at once; past it, new ones get 503 `overloaded`
-    /// at once instead of queueing in front of the engine. 0 turns the bound off.
+    /// The most orders inside the node at once (admitted, not yet answered); past
+    /// the bound, new ones get 503 `overloaded` at once instead of queueing in front
+    /// of the engine. The bound follows the completion rate between
+    /// `orders_in_flight_min` and this (see `order_slots.rs`). 0 turns it off.
     pub orders_in_flight_max: u32,
+    /// The floor of the order bound, where an idle node starts.
+    pub orders_in_flight_min: u32,
+    /// Milliseconds of completions the order bound lets in at once: about the
+    /// longest an accepted order waits inside the node. 0 fixes the bound at
+    /// `orders_in_flight_max`.
+    pub orders_in_flight_target_ms: u32,
     /// Microseconds the journal may hold a small batch for requests still on their
     /// way, when the previous batch was larger (fewer, fuller fsyncs under load; no
     /// wait when idle). 0 syncs at once.
@@ -80,6 +88,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace_secs: 30,
             orders_in_flight_max: 1024,
+            orders_in_flight_min: 64,
+            orders_in_flight_target_ms: 5,
             journal_linger_us: 200,
             shed_lag_ms: 50,
             transparent_huge_pages: false,
@@ -205,6 +215,12 @@ impl Config {
         }
         if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_MAX") {
             self.orders_in_flight_max = parse("KEYDROP_ORDERS_IN_FLIGHT_MAX", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_MIN") {
+            self.orders_in_flight_min = parse("KEYDROP_ORDERS_IN_FLIGHT_MIN", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS") {
+            self.orders_in_flight_target_ms = parse("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS", &v)?;
         }
         if let Some(v) = get("KEYDROP_JOURNAL_LINGER_US") {
             self.journal_linger_us = parse("KEYDROP_JOURNAL_LINGER_US", &v)?;

@@ -15,6 +15,7 @@ mod client;
 mod config;
 mod lag;
 mod metrics;
+mod order_slots;
 mod platform;
 mod secrets;
 mod server;

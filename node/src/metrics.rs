@@ -22,6 +22,8 @@ pub const HTTP_DURATION: &str = "keydrop_http_request_duration_seconds";
 pub const ORDERS: &str = "keydrop_orders_total";
 pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
 pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
+pub const ORDERS_IN_FLIGHT: &str = "keydrop_orders_in_flight";
+pub const ORDERS_IN_FLIGHT_LIMIT: &str = "keydrop_orders_in_flight_limit";
 pub const RUNTIME_LAG: &str = "keydrop_runtime_lag_seconds";
 pub const RUNTIME_WORKERS: &str = "keydrop_runtime_workers";
 pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
@@ -164,6 +166,14 @@ fn describe() {
     describe_counter!(
         ORDERS_OVERLOAD_SHED,
         "Orders answered 503 overloaded at the edge, by reason: lag (the workers are behind) or in_flight (every order slot is taken)."
+    );
+    describe_gauge!(
+        ORDERS_IN_FLIGHT,
+        "Orders inside the node (admitted, not yet answered), sampled every 100 ms."
+    );
+    describe_gauge!(
+        ORDERS_IN_FLIGHT_LIMIT,
+        "The bound on orders inside the node: what it completes in orders_in_flight_target_ms at its recent best rate."
     );
     describe_gauge!(
         RUNTIME_LAG,

@@ -113,6 +113,10 @@ pub async fn run(
         let (shed_after, stop) = (state.admission.shed_lag, stop_rx.clone());
         tokio::spawn(async move { lag.run(shed_after, stop).await });
     }
+    if let Some((slots, bound)) = &state.admission.order_slots {
+        let (slots, bound, stop) = (std::sync::Arc::clone(slots), bound.clone(), stop_rx.clone());
+        tokio::spawn(async move { slots.run(bound, stop).await });
+    }
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut grace_stop = stop_rx.clone();

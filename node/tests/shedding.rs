@@ -123,3 +123,42 @@ async fn orders_are_shed_while_the_workers_lag_and_taken_again_after() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_bound_starts_at_its_floor_and_rises_with_the_completion_rate() {
+    // A floor of 2 and a 50 ms target: an idle node holds the floor; orders sent one
+    // after another (one in flight, never refused) complete at hundreds per second
+    // even on a slow disk, which is more than 2 per 50 ms, so the bound rises.
+    let node = Node::start(&[
+        ("KEYDROP_ORDERS_IN_FLIGHT_MIN", "2"),
+        ("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS", "50"),
+        ("KEYDROP_RATE_PER_IP", "0"),
+    ])
+    .await;
+    let limit = "keydrop_orders_in_flight_limit";
+    eventually(
+        "the bound at its floor",
+        Duration::from_secs(10),
+        || async { (node.metric(limit).await == 2.0).then_some(()) },
+    )
+    .await;
+    node.sku_with_cards("steady", on_sale(100, 1, 60), &cards("S", 3_000))
+        .await;
+    let mut buyer = 0;
+    let risen = eventually("the bound above its floor", Duration::from_secs(20), || {
+        buyer += 1;
+        let first = buyer * 50;
+        let node = &node;
+        async move {
+            for n in first..first + 50 {
+                let (status, body) = node.reserve("steady", &format!("buyer-{n}")).await;
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+            }
+            let bound = node.metric(limit).await;
+            (bound > 2.0).then_some(bound)
+        }
+    })
+    .await;
+    assert!(risen <= 1024.0, "over the ceiling: {risen}");
+    assert!(node.metric("keydrop_orders_in_flight").await <= risen);
+}
