@@ -154,7 +154,7 @@ impl Admission {
                     (config.orders_in_flight_target_ms > 0)
                         .then(|| Duration::from_millis(config.orders_in_flight_target_ms.into())),
                 );
-                (std::sync::Arc::new(OrderSlots::new(bound.initial())), bound)
+                (std::sync::Arc::new(OrderSlots::new(bound.current())), bound)
             }),
             per_user: Limiter::new(Scope::User, config.rate_per_user, config.burst_per_user),
             per_ip: Limiter::new(Scope::Ip, config.rate_per_ip, config.burst_per_ip),

@@ -45,13 +45,14 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// The most orders inside the node at once (admitted, not yet answered); past
     /// the bound, new ones get 503 `overloaded` at once instead of queueing in front
-    /// of the engine. The bound follows the completion rate between
-    /// `orders_in_flight_min` and this (see `order_slots.rs`). 0 turns it off.
+    /// of the engine. The bound starts here and moves between `orders_in_flight_min`
+    /// and this with the time orders spend inside (see `order_slots.rs`). 0 turns it
+    /// off.
     pub orders_in_flight_max: u32,
-    /// The floor of the order bound, where an idle node starts.
+    /// The floor of the order bound.
     pub orders_in_flight_min: u32,
-    /// Milliseconds of completions the order bound lets in at once: about the
-    /// longest an accepted order waits inside the node. 0 fixes the bound at
+    /// Milliseconds an order may spend inside the node on average before the bound
+    /// comes down; set it above the disk's usual fsync time. 0 fixes the bound at
     /// `orders_in_flight_max`.
     pub orders_in_flight_target_ms: u32,
     /// Microseconds the journal may hold a small batch for requests still on their
@@ -88,10 +89,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace_secs: 30,
             orders_in_flight_max: 1024,
-            orders_in_flight_min: 64,
+            orders_in_flight_min: 32,
             orders_in_flight_target_ms: 5,
             journal_linger_us: 200,
-            shed_lag_ms: 50,
+            shed_lag_ms: 5,
             transparent_huge_pages: false,
             workers: 0,
         }

@@ -173,7 +173,7 @@ fn describe() {
     );
     describe_gauge!(
         ORDERS_IN_FLIGHT_LIMIT,
-        "The bound on orders inside the node: what it completes in orders_in_flight_target_ms at its recent best rate."
+        "The bound on orders inside the node, moved every 100 ms by the mean time orders spent inside against orders_in_flight_target_ms."
     );
     describe_gauge!(
         RUNTIME_LAG,

@@ -1,43 +1,45 @@
-//! The bound on orders inside the node at once, set by Little's law.
+//! The bound on orders inside the node at once, moved by how long they take there.
 //!
 //! An order inside the node (admitted, not yet answered) waits for its SKU's actor
-//! and for the journal's fsync. The node lets in as many orders at once as it
-//! completes in `target` at its recent best rate, so under any crowd an accepted
-//! order spends about `target` or less inside, and the rest get 503 `overloaded`
-//! before their body is read: answers that cost a fraction of a reservation and
-//! leave the CPU to the accepted orders. A fixed bound cannot do this on every
-//! machine: 64 orders in flight is 5 ms of work at 13,000 orders/s, and a cap at
-//! 100,000/s.
+//! and for the journal's fsync. Every [`TICK`] the bound looks at the mean time the
+//! orders that finished in that tick spent inside:
 //!
-//! The best rate is the most completions per second seen in one tick, decaying with
-//! a half-life of [`PEAK_HALF_LIFE`] while the rate stays lower. A dip (a pause in
-//! the crowd, one slow fsync) does not shrink the bound under the crowd that comes
-//! back, and a node whose orders take longer than `target` (a slow disk) is not
-//! throttled down at once either; an idle node falls back to the floor in seconds.
-//! The bound never leaves `[min, max]`.
+//! - over `target`: the node takes in more than it finishes, and the excess waits.
+//!   The bound is cut in proportion (times `target / mean`, between halved and 5%
+//!   off), so within a few ticks of a crowd arriving only as many orders are inside
+//!   as finish in about `target`, and the rest get 503 `overloaded` before their
+//!   body is read: answers that cost a fraction of a reservation and leave the CPU
+//!   to the accepted orders;
+//! - at or under `target`: the bound grows back, 10% a tick while it turns orders
+//!   away, 2% while it does not, so it is back at `max` for the next burst a few
+//!   seconds after a crowd has passed;
+//! - no order finished: nothing to go by, and the bound stays.
+//!
+//! It starts at `max` and never leaves `[min, max]`. A fixed bound cannot do this on
+//! every machine: 64 orders inside is 5 ms of work at 13,000 orders/s, and a cap at
+//! 100,000/s; while a burst of 512 buyers on an idle node is gone in a few ms and
+//! should not be refused.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::metrics::{ORDERS_IN_FLIGHT, ORDERS_IN_FLIGHT_LIMIT};
 
-/// How often the bound follows the completion rate.
+/// How often the bound moves.
 pub const TICK: Duration = Duration::from_millis(100);
-
-/// How fast the remembered best rate fades once the node completes fewer orders.
-pub const PEAK_HALF_LIFE: Duration = Duration::from_secs(2);
 
 /// The order slots: a count of orders inside the node and the bound on it.
 #[derive(Debug)]
 pub struct OrderSlots {
     in_flight: AtomicU32,
     limit: AtomicU32,
-    /// Slots given back, ever: the completion rate the bound follows.
+    /// Slots given back, ever.
     completed: AtomicU64,
-    /// Orders refused for want of a slot, ever: for the log line when it starts.
+    /// Microseconds those slots were held, summed.
+    held_micros: AtomicU64,
+    /// Orders refused for want of a slot, ever.
     refused: AtomicU64,
 }
 
@@ -45,13 +47,24 @@ pub struct OrderSlots {
 #[derive(Debug)]
 pub struct OrderSlot<'a> {
     slots: &'a OrderSlots,
+    taken: Instant,
 }
 
 impl Drop for OrderSlot<'_> {
     fn drop(&mut self) {
-        self.slots.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let held = u64::try_from(self.taken.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.slots.held_micros.fetch_add(held, Ordering::Relaxed);
         self.slots.completed.fetch_add(1, Ordering::Relaxed);
+        self.slots.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// What happened to the slots over one tick.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tick {
+    pub completed: u64,
+    pub held: Duration,
+    pub refused: u64,
 }
 
 impl OrderSlots {
@@ -61,6 +74,7 @@ impl OrderSlots {
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(limit),
             completed: AtomicU64::new(0),
+            held_micros: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
     }
@@ -75,60 +89,80 @@ impl OrderSlots {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        Some(OrderSlot { slots: self })
+        Some(OrderSlot {
+            slots: self,
+            taken: Instant::now(),
+        })
     }
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Moves the bound to follow the completion rate every [`TICK`] until `stop`
-    /// turns true, publishing both gauges. Logs when orders start being refused
-    /// for want of a slot and when that stops (not per refused order).
+    /// Running totals: (completed, held µs, refused).
+    fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.completed.load(Ordering::Relaxed),
+            self.held_micros.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Moves the bound every [`TICK`] until `stop` turns true, publishing both
+    /// gauges. Logs when orders start being refused for want of a slot and when
+    /// that stops (not per refused order).
     pub async fn run(&self, mut bound: Bound, mut stop: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = Instant::now();
-        let mut refused_before = self.refused.load(Ordering::Relaxed);
+        let mut before = self.totals();
         let mut refusing = false;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
                 _ = ticks.tick() => {}
             }
-            let now = Instant::now();
-            let limit = bound.next(self.completed.load(Ordering::Relaxed), now - last);
-            last = now;
+            let now = self.totals();
+            let tick = Tick {
+                completed: now.0 - before.0,
+                held: Duration::from_micros(now.1 - before.1),
+                refused: now.2 - before.2,
+            };
+            before = now;
+            let limit = bound.next(tick);
             self.limit.store(limit, Ordering::Relaxed);
             metrics::gauge!(ORDERS_IN_FLIGHT_LIMIT).set(f64::from(limit));
             metrics::gauge!(ORDERS_IN_FLIGHT).set(f64::from(self.in_flight()));
-            let refused = self.refused.load(Ordering::Relaxed);
-            let refused_now = refused > refused_before;
-            refused_before = refused;
-            if refused_now && !refusing {
+            if tick.refused > 0 && !refusing {
                 tracing::warn!(
                     limit,
-                    best_rate_per_sec = bound.best_rate_per_sec() as u64,
+                    refused = tick.refused,
+                    mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64),
                     "every order slot taken; shedding new orders with 503 overloaded"
                 );
-            } else if !refused_now && refusing {
+            } else if tick.refused == 0 && refusing {
                 tracing::info!(limit, "order slots free again");
             }
-            refusing = refused_now;
+            refusing = tick.refused > 0;
         }
     }
 }
 
-/// The bound's arithmetic, without clocks or atomics: fed the running count of
-/// completed orders and the time since the last call, it says the next bound.
+impl Tick {
+    /// The mean time an order finished in this tick spent inside.
+    pub fn mean(&self) -> Option<Duration> {
+        (self.completed > 0).then(|| self.held / u32::try_from(self.completed).unwrap_or(u32::MAX))
+    }
+}
+
+/// The bound's arithmetic, without clocks or atomics: fed what one tick saw, it
+/// says the next bound (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Bound {
-    min: u32,
-    max: u32,
+    min: f64,
+    max: f64,
     /// `None`: the bound stays at `max`.
     target: Option<Duration>,
-    best_rate_per_sec: f64,
-    completed_before: u64,
+    limit: f64,
 }
 
 impl Bound {
@@ -136,45 +170,38 @@ impl Bound {
     pub fn new(min: u32, max: u32, target: Option<Duration>) -> Self {
         assert!(max > 0, "an order bound of 0 would refuse every order");
         Bound {
-            min: min.clamp(1, max),
-            max,
+            min: f64::from(min.clamp(1, max)),
+            max: f64::from(max),
             target,
-            best_rate_per_sec: 0.0,
-            completed_before: 0,
+            limit: f64::from(max),
         }
     }
 
-    /// The bound before any order has completed.
-    pub fn initial(&self) -> u32 {
-        if self.target.is_some() {
-            self.min
-        } else {
-            self.max
-        }
+    pub fn current(&self) -> u32 {
+        // Within [1, u32::MAX] by construction; rounding keeps growth by whole orders.
+        self.limit.round() as u32
     }
 
-    pub fn best_rate_per_sec(&self) -> f64 {
-        self.best_rate_per_sec
-    }
-
-    /// The bound for the next tick, given every completion so far and the time
-    /// since the previous call.
-    pub fn next(&mut self, completed: u64, elapsed: Duration) -> u32 {
-        let done = completed.saturating_sub(self.completed_before);
-        self.completed_before = completed;
-        let Some(target) = self.target else {
-            return self.max;
+    /// The bound for the next tick.
+    pub fn next(&mut self, tick: Tick) -> u32 {
+        let (Some(target), Some(mean)) = (self.target, tick.mean()) else {
+            return self.current();
         };
-        let secs = elapsed.as_secs_f64();
-        if secs > 0.0 {
-            let rate = done as f64 / secs;
-            let faded = self.best_rate_per_sec * 0.5f64.powf(secs / PEAK_HALF_LIFE.as_secs_f64());
-            self.best_rate_per_sec = rate.max(faded);
-        }
-        // Rounded, not ceiled: 1,300 orders in 0.1 s times 5 ms is 65 give or take the
-        // last bit of a float. `as` saturates: a huge rate gives u32::MAX, then `max`.
-        let bound = (self.best_rate_per_sec * target.as_secs_f64()).round() as u32;
-        bound.clamp(self.min, self.max)
+        let factor = if mean > target {
+            (target.as_secs_f64() / mean.as_secs_f64()).clamp(0.5, 0.95)
+        } else if tick.refused > 0 {
+            1.1
+        } else {
+            1.02
+        };
+        // The +1 lets a bound of 1 or 2 grow at all.
+        let grown = if factor > 1.0 {
+            self.limit * factor + 1.0
+        } else {
+            self.limit * factor
+        };
+        self.limit = grown.clamp(self.min, self.max);
+        self.current()
     }
 }
 
@@ -184,56 +211,97 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    #[test]
-    fn the_bound_is_what_the_node_completes_in_the_target_time() {
-        let mut bound = Bound::new(8, 10_000, Some(5 * MS));
-        assert_eq!(bound.initial(), 8);
-        // 1,300 orders in 100 ms: 13,000/s, so 65 of them take 5 ms.
-        assert_eq!(bound.next(1_300, 100 * MS), 65);
-        // 100,000/s: 500 in 5 ms.
-        assert_eq!(bound.next(1_300 + 10_000, 100 * MS), 500);
-    }
-
-    #[test]
-    fn the_bound_stays_between_its_floor_and_its_ceiling() {
-        let mut bound = Bound::new(64, 1_000, Some(5 * MS));
-        assert_eq!(bound.next(10, 100 * MS), 64, "100/s is under the floor");
-        assert_eq!(
-            bound.next(10 + 10_000_000, 100 * MS),
-            1_000,
-            "100M/s is over the ceiling"
-        );
-        let mut bound = Bound::new(0, 3, Some(5 * MS));
-        assert_eq!(bound.initial(), 1, "a floor of 0 still lets one order in");
-        let mut bound_min_over_max = Bound::new(500, 2, Some(5 * MS));
-        assert_eq!(bound_min_over_max.initial(), 2);
-        assert_eq!(bound.next(0, 100 * MS), 1);
-        assert_eq!(bound_min_over_max.next(1_000_000, 100 * MS), 2);
-    }
-
-    #[test]
-    fn a_dip_fades_the_best_rate_by_its_half_life_instead_of_dropping_it() {
-        let mut bound = Bound::new(1, 100_000, Some(10 * MS));
-        let mut completed = 2_000;
-        assert_eq!(bound.next(completed, 100 * MS), 200, "20,000/s");
-        // Nothing completes for one half-life: the best rate is halved, not zero.
-        assert_eq!(bound.next(completed, PEAK_HALF_LIFE), 100);
-        // A higher rate counts at once.
-        completed += 4_000;
-        assert_eq!(bound.next(completed, 100 * MS), 400, "40,000/s");
-        // Ten idle half-lives later the bound is back at the floor.
-        for _ in 0..10 {
-            bound.next(completed, PEAK_HALF_LIFE);
+    fn tick(completed: u64, mean: Duration, refused: u64) -> Tick {
+        Tick {
+            completed,
+            held: mean * completed as u32,
+            refused,
         }
-        assert_eq!(bound.next(completed, 100 * MS), 1);
+    }
+
+    #[test]
+    fn the_bound_starts_at_its_ceiling_and_is_cut_in_proportion_to_the_overshoot() {
+        let mut bound = Bound::new(8, 1_000, Some(5 * MS));
+        assert_eq!(bound.current(), 1_000, "a burst on an idle node gets in");
+        assert_eq!(
+            bound.next(tick(300, 10 * MS, 0)),
+            500,
+            "twice the target: halved"
+        );
+        assert_eq!(
+            bound.next(tick(300, 50 * MS, 0)),
+            250,
+            "ten times: still halved"
+        );
+        assert_eq!(
+            bound.next(tick(300, 5_100 * MS / 1_000, 0)),
+            238,
+            "just over: 5% off"
+        );
+        assert_eq!(bound.next(tick(300, 6 * MS, 0)), 198, "6 ms: times 5/6");
+    }
+
+    #[test]
+    fn the_bound_grows_back_faster_while_it_turns_orders_away() {
+        let mut bound = Bound::new(8, 1_000, Some(5 * MS));
+        for _ in 0..10 {
+            bound.next(tick(100, 20 * MS, 50));
+        }
+        assert_eq!(bound.current(), 8, "held at the floor");
+        assert_eq!(
+            bound.next(tick(100, 2 * MS, 50)),
+            10,
+            "refusing: 8 × 1.1 + 1"
+        );
+        assert_eq!(
+            bound.next(tick(100, 2 * MS, 0)),
+            11,
+            "not refusing: 9.8 × 1.02 + 1"
+        );
+        let mut ticks = 0;
+        while bound.current() < 1_000 {
+            bound.next(tick(100, 2 * MS, 1));
+            ticks += 1;
+        }
+        assert!(ticks < 60, "{ticks} ticks from 11 to the ceiling");
+        assert_eq!(
+            bound.next(tick(100, 2 * MS, 1)),
+            1_000,
+            "never past the ceiling"
+        );
+    }
+
+    #[test]
+    fn a_tick_in_which_nothing_finished_leaves_the_bound() {
+        let mut bound = Bound::new(8, 1_000, Some(5 * MS));
+        bound.next(tick(10, 10 * MS, 0));
+        assert_eq!(bound.next(Tick::default()), 500);
+        assert_eq!(
+            bound.next(Tick {
+                refused: 40,
+                ..Tick::default()
+            }),
+            500
+        );
     }
 
     #[test]
     fn without_a_target_the_bound_is_fixed_at_the_ceiling() {
         let mut bound = Bound::new(8, 1_024, None);
-        assert_eq!(bound.initial(), 1_024);
-        assert_eq!(bound.next(1_000_000, 100 * MS), 1_024);
-        assert_eq!(bound.next(1_000_000, 100 * MS), 1_024);
+        assert_eq!(bound.current(), 1_024);
+        assert_eq!(bound.next(tick(1_000, 100 * MS, 10)), 1_024);
+    }
+
+    #[test]
+    fn the_floor_is_at_least_one_and_at_most_the_ceiling() {
+        let mut bound = Bound::new(0, 3, Some(5 * MS));
+        for _ in 0..10 {
+            bound.next(tick(5, 100 * MS, 0));
+        }
+        assert_eq!(bound.current(), 1, "a floor of 0 still lets one order in");
+        assert_eq!(bound.next(tick(5, MS, 3)), 2, "and grows from 1");
+        let mut bound = Bound::new(500, 2, Some(5 * MS));
+        assert_eq!(bound.next(tick(5, 100 * MS, 0)), 2);
     }
 
     #[test]
@@ -246,10 +314,15 @@ mod tests {
         drop(first);
         assert_eq!(slots.in_flight(), 1);
         let third = slots.try_acquire().expect("the slot came back");
+        std::thread::sleep(2 * MS);
         drop((second, third));
         assert_eq!(slots.in_flight(), 0);
-        assert_eq!(slots.completed.load(Ordering::Relaxed), 3);
-        assert_eq!(slots.refused.load(Ordering::Relaxed), 1);
+        let (completed, held_micros, refused) = slots.totals();
+        assert_eq!((completed, refused), (3, 1));
+        assert!(
+            held_micros >= 4_000,
+            "two slots held 2 ms each: {held_micros} µs"
+        );
     }
 
     #[test]
