@@ -270,8 +270,12 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// `cargo test` names the package's folder at run time; a test binary in a shared
+    /// target dir may have been built from another checkout.
     fn shipped_file() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/keydrop.toml")
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from)
+            .join("../config/keydrop.toml")
     }
 
     #[test]

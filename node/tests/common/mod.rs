@@ -396,6 +396,16 @@ where
     }
 }
 
+/// The checkout the tests run in. `cargo test` names the package's folder at run
+/// time; the compile-time path is only a fallback, since a shared target dir can hold
+/// a test binary built from another checkout of the same tree.
 pub fn repo_root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let package = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || env!("CARGO_MANIFEST_DIR").into(),
+            std::path::PathBuf::from,
+        );
+        package.join("..")
+    })
 }
