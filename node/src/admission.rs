@@ -108,6 +108,17 @@ pub struct Admission {
     /// Scheduling lag, and the lag past which orders are shed; `None` when off.
     pub lag: std::sync::Arc<LagMonitor>,
     pub shed_lag: Option<Duration>,
+    /// A Weyl sequence over u64 for the share of orders shed while lagging: spread
+    /// evenly, so a share of 0.3 refuses 3 orders in every 10, not a run of them.
+    shed_draws: std::sync::atomic::AtomicU64,
+}
+
+/// The share of orders shed at a given worker lag: none up to `limit`, all from
+/// twice it, in proportion between. A gate that shuts at once refuses the whole crowd
+/// until the lag decays, then lets the whole crowd back in and lags again; shedding in
+/// proportion holds the lag near the limit instead.
+pub fn lag_shed_share(lag: Duration, limit: Duration) -> f64 {
+    ((lag.as_secs_f64() - limit.as_secs_f64()) / limit.as_secs_f64()).clamp(0.0, 1.0)
 }
 
 /// Why an order was shed with 503 `overloaded` before any work was done.
@@ -133,16 +144,27 @@ impl Admission {
     /// itself when dropped; or says why the node is too busy for it, and the caller
     /// answers 503 at once.
     pub fn admit_order(&self) -> Result<Option<OrderSlot<'_>>, Overload> {
-        if self
-            .shed_lag
-            .is_some_and(|limit| self.lag.current() > limit)
-        {
-            return Err(Overload::Lag);
+        if let Some(limit) = self.shed_lag {
+            if self.draw_shed(lag_shed_share(self.lag.current(), limit)) {
+                return Err(Overload::Lag);
+            }
         }
         match &self.order_slots {
             None => Ok(None),
             Some((slots, _)) => slots.try_acquire().map(Some).ok_or(Overload::InFlight),
         }
+    }
+
+    /// True for about `share` of the calls (0 never, 1 always).
+    fn draw_shed(&self, share: f64) -> bool {
+        if share <= 0.0 {
+            return false;
+        }
+        const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+        let draw = self
+            .shed_draws
+            .fetch_add(GOLDEN, std::sync::atomic::Ordering::Relaxed);
+        ((draw >> 11) as f64 / (1u64 << 53) as f64) < share
     }
 
     pub fn new(config: &Config) -> Self {
@@ -168,6 +190,7 @@ impl Admission {
             lag: std::sync::Arc::new(LagMonitor::default()),
             shed_lag: (config.shed_lag_ms > 0)
                 .then(|| Duration::from_millis(config.shed_lag_ms.into())),
+            shed_draws: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -260,14 +283,43 @@ mod tests {
             ..Config::default()
         });
         let slot = a.admit_order().expect("no lag, free slots");
-        a.lag.record(Duration::from_millis(80));
-        assert_eq!(a.admit_order().unwrap_err(), Overload::Lag);
-        // Prompt wake-ups halve the recorded lag: 40 ms is under the limit.
+        a.lag.record(Duration::from_millis(100));
+        assert_eq!(
+            a.admit_order().unwrap_err(),
+            Overload::Lag,
+            "twice the limit"
+        );
+        // Prompt wake-ups halve the recorded lag: 50 ms is at the limit.
         a.lag.record(Duration::ZERO);
         let second = a.admit_order().expect("caught up");
         assert_eq!(a.admit_order().unwrap_err(), Overload::InFlight);
         drop((slot, second));
         assert!(a.admit_order().is_ok(), "slots come back when dropped");
+    }
+
+    #[test]
+    fn between_the_limit_and_twice_it_the_shed_share_grows_in_proportion() {
+        let limit = Duration::from_millis(10);
+        let share = |ms| lag_shed_share(Duration::from_millis(ms), limit);
+        assert_eq!(share(0), 0.0);
+        assert_eq!(share(10), 0.0);
+        assert!((share(13) - 0.3).abs() < 1e-9);
+        assert_eq!(share(20), 1.0);
+        assert_eq!(share(500), 1.0);
+
+        let a = admission(Config {
+            shed_lag_ms: 10,
+            orders_in_flight_max: 0,
+            ..Config::default()
+        });
+        a.lag.record(Duration::from_millis(13));
+        let shed = (0..1_000)
+            .filter(|_| a.admit_order().is_err_and(|reason| reason == Overload::Lag))
+            .count();
+        assert!(
+            (290..=310).contains(&shed),
+            "30% of 1,000 shed evenly: {shed}"
+        );
     }
 
     #[test]
