@@ -59,8 +59,9 @@ pub struct Config {
     /// way, when the previous batch was larger (fewer, fuller fsyncs under load; no
     /// wait when idle). 0 syncs at once.
     pub journal_linger_us: u32,
-    /// Milliseconds of scheduling lag past which order requests are shed with 503
-    /// `overloaded` (see `lag.rs`). 0 turns lag shedding off.
+    /// Milliseconds of scheduling lag past which order requests start being shed
+    /// with 503 `overloaded`: a share in proportion to the lag past it, all from
+    /// twice it (see `lag.rs`, `admission::lag_shed_share`). 0 turns lag shedding off.
     pub shed_lag_ms: u32,
     /// Transparent huge pages for the node's memory (see `platform.rs` for why they
     /// are off by default).

@@ -3,9 +3,10 @@
 //! the workers can run, each waits in the run queue and in its socket before its
 //! handler starts, and the order-slot bound (which counts orders already inside a
 //! handler) cannot tell. A probe task asks to wake every [`PROBE_INTERVAL`] and
-//! records how late it woke; order requests are shed with 503 `overloaded` while
-//! that lag is over the configured limit, so the queue drains on cheap answers
-//! instead of growing until clients time out and retry.
+//! records how late it woke; while that lag is over the configured limit, a share of
+//! order requests in proportion to it is shed with 503 `overloaded` (all of them from
+//! twice the limit, see `admission::lag_shed_share`), so the queue drains on cheap
+//! answers instead of growing until clients time out and retry.
 //!
 //! A late sample counts at once; a prompt one only halves the recorded lag, so a
 //! single lucky wake-up in the middle of a backlog does not reopen the gate.
