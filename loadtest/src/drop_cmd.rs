@@ -21,6 +21,10 @@ use crate::target::redis::{RedisDirect, RedisStore};
 use crate::target::redis_http::RedisHttpService;
 use crate::target::{OrderRef, Stock, Target, TargetInfo};
 
+/// Worker threads of the `redis-http` target's service: as many as a `keydrop serve`
+/// started by `http` gets by default on the 2-core machines the drop is run on.
+const REDIS_HTTP_THREADS: usize = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TargetKind {
     /// keydrop-engine in this process.
@@ -405,7 +409,7 @@ pub async fn run_drop(args: &DropArgs) -> Result<DropReport> {
                     let service = {
                         let (url, token, secret) = (url.clone(), token.clone(), secret.clone());
                         tokio::task::spawn_blocking(move || {
-                            RedisHttpService::start(&url, &token, &secret)
+                            RedisHttpService::start(&url, &token, &secret, REDIS_HTTP_THREADS)
                         })
                         .await??
                     };

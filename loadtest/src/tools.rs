@@ -24,12 +24,20 @@ pub struct ServeRedisHttpArgs {
     pub admin_token: String,
     #[arg(long, env = "KEYDROP_PAYMENT_SECRET", hide_env_values = true)]
     pub payment_secret: String,
+    /// The service's async worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
 }
 
 /// Serves until SIGTERM or Ctrl-C; prints `listening on http://<addr>` first.
 pub fn serve_redis_http(args: ServeRedisHttpArgs) -> Result<()> {
     let service =
-        RedisHttpService::start(&args.redis_url, &args.admin_token, &args.payment_secret)?;
+        RedisHttpService::start(
+        &args.redis_url,
+        &args.admin_token,
+        &args.payment_secret,
+        args.threads,
+    )?;
     println!("listening on {}", service.url());
     eprintln!("durability: {}", service.durability);
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -245,7 +245,7 @@ async fn show_order(State(service): State<Arc<Service>>, Path(order_id): Path<St
     }
 }
 
-/// The service, running on its own two worker threads until stopped or dropped.
+/// The service, running on worker threads of its own until stopped or dropped.
 pub struct RedisHttpService {
     pub addr: SocketAddr,
     pub durability: String,
@@ -260,9 +260,11 @@ impl RedisHttpService {
         redis_url: &str,
         admin_token: &str,
         payment_secret: &str,
+        threads: usize,
     ) -> Result<RedisHttpService> {
+        let threads = threads.max(1);
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(threads)
             .thread_name("redis-http")
             .enable_all()
             .build()
@@ -270,7 +272,7 @@ impl RedisHttpService {
         let store = runtime.block_on(RedisStore::connect(redis_url))?;
         let durability = store.durability.clone();
         let fsync_policy = store.fsync_policy().to_string();
-        let endpoint = format!("axum on its own 2 threads, {}", store.endpoint);
+        let endpoint = format!("axum on its own {threads} threads, {}", store.endpoint);
         let service = Arc::new(Service {
             store,
             admin_token: admin_token.to_string(),
