@@ -99,8 +99,9 @@ impl Engine {
         let (resync_tx, mut resync_rx) = tokio::sync::mpsc::unbounded_channel();
         let db_path = config.db_path.clone();
         let journal_options = config.journal.clone();
+        let runtime = tokio::runtime::Handle::current();
         let (journal, recovered, report) = tokio::task::spawn_blocking(move || {
-            let journal = Journal::open(&db_path, journal_options, resync_tx)?;
+            let journal = Journal::open(&db_path, journal_options, resync_tx, Some(runtime))?;
             let (recovered, report) = journal.recover()?;
             Ok::<_, EngineError>((journal, recovered, report))
         })

@@ -14,6 +14,15 @@
 //! requests. The queue is FIFO, so each SKU's records reach disk in the order its
 //! actor applied them.
 //!
+//! **Answers.** Given a runtime, the writer hands each written batch to one task on
+//! it, which runs the batch's completions there. Woken from the writer thread, every
+//! caller would be a remote wake-up, and a busy tokio worker takes one task from its
+//! remote queue only every few dozen local ones: with every connection of a crowd
+//! holding a ready request, answers waited behind them (25-35 ms for each order on a
+//! saturated node) and an order bound going by that time shut out nearly everyone.
+//! Run on the runtime, one task per batch is woken from outside and its callers are
+//! woken locally.
+//!
 //! **Failure.** A batch that fails to write fails every request in it, and the SKUs
 //! involved are fenced: later writes from the same actor epoch are refused until the
 //! actor has reloaded its state from disk (see `Resync` in the actor). Memory never
@@ -214,11 +223,14 @@ pub struct Journal {
 
 impl Journal {
     /// Opens (or creates) the journal in `path` and starts the writer thread. SKUs
-    /// whose write fails are sent to `resync` so their actors reload.
+    /// whose write fails are sent to `resync` so their actors reload. With
+    /// `answer_on`, completions run on a task of that runtime (see the module doc);
+    /// without, on the writer thread.
     pub fn open(
         path: &Path,
         options: JournalOptions,
         resync: tokio::sync::mpsc::UnboundedSender<(SkuId, u64)>,
+        answer_on: Option<tokio::runtime::Handle>,
     ) -> Result<Journal, JournalError> {
         let open_error = |message: String| JournalError::Open {
             path: path.display().to_string(),
@@ -267,13 +279,18 @@ impl Journal {
         let (sender, receiver) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(JournalCounters::default());
+        let answers = Answers::start(answer_on, Arc::clone(&counters));
         let writer = {
             let db = Arc::clone(&db);
             let queued = Arc::clone(&queued);
             let counters = Arc::clone(&counters);
             std::thread::Builder::new()
                 .name("keydrop-journal".into())
-                .spawn(move || run_writer(&db, &receiver, &queued, &counters, &options, &resync))
+                .spawn(move || {
+                    run_writer(
+                        &db, &receiver, &queued, &counters, &options, &resync, &answers,
+                    )
+                })
                 .map_err(|e| open_error(e.to_string()))?
         };
         Ok(Journal {
@@ -302,8 +319,9 @@ impl Journal {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Queues a write. Its completion runs on the writer thread once the write is
-    /// durable or has failed; it must be quick and must not block.
+    /// Queues a write. Its completion runs once the write is durable or has failed,
+    /// on the answering task (see the module doc) or else on the writer thread; it
+    /// must be quick and must not block.
     pub fn submit(&self, write: JournalWrite) {
         if self.closed.load(Ordering::Acquire) {
             (write.done)(Err(JournalError::Closed));
@@ -643,6 +661,82 @@ fn take_queued(
     false
 }
 
+/// Completions of one batch, all with the same outcome.
+struct AnsweredBatch {
+    writes: Vec<JournalWrite>,
+    /// `None`: durable.
+    failure: Option<JournalError>,
+}
+
+impl AnsweredBatch {
+    fn run(self, counters: &JournalCounters) {
+        let started = Instant::now();
+        for write in self.writes {
+            let outcome = match &self.failure {
+                None => Ok(()),
+                Some(error) => Err(error.for_each_write()),
+            };
+            (write.done)(outcome);
+        }
+        counters
+            .completion_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Where the writer sends completions: to the answering task, or nowhere (it runs
+/// them itself). FIFO either way, so a SKU's callers are answered in the order its
+/// records were written.
+struct Answers {
+    task: Option<tokio::sync::mpsc::UnboundedSender<AnsweredBatch>>,
+    counters: Arc<JournalCounters>,
+}
+
+impl Answers {
+    fn start(runtime: Option<tokio::runtime::Handle>, counters: Arc<JournalCounters>) -> Self {
+        let task = runtime.map(|runtime| {
+            let (sender, mut batches) = tokio::sync::mpsc::unbounded_channel::<AnsweredBatch>();
+            let counters = Arc::clone(&counters);
+            runtime.spawn(async move {
+                while let Some(batch) = batches.recv().await {
+                    batch.run(&counters);
+                }
+            });
+            sender
+        });
+        Answers { task, counters }
+    }
+
+    /// Runs the completions, on the answering task when it is still there (a
+    /// runtime shutting down drops it) and here otherwise, so none is lost.
+    fn send(&self, writes: Vec<JournalWrite>, failure: Option<JournalError>) {
+        if writes.is_empty() {
+            return;
+        }
+        let batch = AnsweredBatch { writes, failure };
+        let batch = match &self.task {
+            Some(task) => match task.send(batch) {
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::SendError(batch)) => batch,
+            },
+            None => batch,
+        };
+        batch.run(&self.counters);
+    }
+}
+
+impl JournalError {
+    /// The same failure, for each write of a failed batch.
+    fn for_each_write(&self) -> JournalError {
+        match self {
+            JournalError::Write(message) => JournalError::Write(message.clone()),
+            JournalError::Fenced => JournalError::Fenced,
+            JournalError::Closed => JournalError::Closed,
+            other => JournalError::Write(other.to_string()),
+        }
+    }
+}
+
 fn run_writer(
     db: &DB,
     receiver: &mpsc::Receiver<WriterMsg>,
@@ -650,6 +744,7 @@ fn run_writer(
     counters: &JournalCounters,
     options: &JournalOptions,
     resync: &tokio::sync::mpsc::UnboundedSender<(SkuId, u64)>,
+    answers: &Answers,
 ) {
     let journal_cf = db.cf_handle(CF_JOURNAL).expect("journal column family");
     let snapshots_cf = db.cf_handle(CF_SNAPSHOTS).expect("snapshots column family");
@@ -691,10 +786,11 @@ fn run_writer(
         previous_batch = taken;
         let mut batch = WriteBatch::default();
         let mut accepted: Vec<JournalWrite> = Vec::with_capacity(taken);
+        let mut refused: Vec<JournalWrite> = Vec::new();
         for write in pending.drain(..) {
             if let (Some(&fenced_epoch), Some(epoch)) = (fenced.get(&write.sku), write.epoch) {
                 if epoch <= fenced_epoch {
-                    (write.done)(Err(JournalError::Fenced));
+                    refused.push(write);
                     continue;
                 }
                 fenced.remove(&write.sku);
@@ -715,6 +811,7 @@ fn run_writer(
             }
             accepted.push(write);
         }
+        answers.send(refused, Some(JournalError::Fenced));
         let started = Instant::now();
         let result = if fault.take() {
             Err("injected write failure".to_string())
@@ -736,20 +833,12 @@ fn run_writer(
         metrics::histogram!("keydrop_journal_batch_requests").record(accepted.len() as f64);
         queued.fetch_sub(taken, Ordering::Relaxed);
         metrics::gauge!("keydrop_journal_queue_depth").set(queued.load(Ordering::Relaxed) as f64);
-        let completing = Instant::now();
         match result {
-            Ok(()) => {
-                for write in accepted {
-                    (write.done)(Ok(()));
-                }
-                counters
-                    .completion_nanos
-                    .fetch_add(completing.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
+            Ok(()) => answers.send(accepted, None),
             Err(message) => {
                 metrics::counter!("keydrop_journal_write_failures_total").increment(1);
                 tracing::error!(requests = accepted.len(), error = %message, "journal write failed; failing the batch and reloading its SKUs");
-                for write in accepted {
+                for write in &accepted {
                     if let Some(epoch) = write.epoch {
                         let already = fenced
                             .get(&write.sku)
@@ -760,18 +849,20 @@ fn run_writer(
                             let _ = resync.send((write.sku.clone(), epoch));
                         }
                     }
-                    (write.done)(Err(JournalError::Write(message.clone())));
                 }
+                answers.send(accepted, Some(JournalError::Write(message)));
             }
         }
     }
     // Anything still queued after shutdown is refused, never silently dropped.
+    let mut left: Vec<JournalWrite> = Vec::new();
     for message in receiver.try_iter() {
         if let WriterMsg::Write(write) = message {
             queued.fetch_sub(1, Ordering::Relaxed);
-            (write.done)(Err(JournalError::Closed));
+            left.push(write);
         }
     }
+    answers.send(left, Some(JournalError::Closed));
 }
 
 #[cfg(test)]
@@ -801,7 +892,7 @@ mod tests {
     fn memtable_flushes_run_at_the_lowest_cpu_priority() {
         let dir = tempfile::tempdir().unwrap();
         let (resync, _) = tokio::sync::mpsc::unbounded_channel();
-        let journal = Journal::open(dir.path(), JournalOptions::default(), resync).unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default(), resync, None).unwrap();
         let sku = SkuId::parse("nice").unwrap();
         journal.raw_put_journal_record(&sku, 1, b"record").unwrap();
         let db = journal.db().unwrap();
@@ -810,6 +901,98 @@ mod tests {
         let flushers = nice_of_threads("rocksdb:high");
         assert!(!flushers.is_empty(), "no flush thread");
         assert!(flushers.iter().all(|&nice| nice == 19), "{flushers:?}");
+    }
+
+    /// Submits one record and returns the name of the thread its completion ran
+    /// on, and what it was told.
+    fn answered_on(journal: &Journal, seq: u64) -> (String, Result<(), JournalError>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        journal.submit(JournalWrite {
+            sku: SkuId::parse("answers").unwrap(),
+            epoch: None,
+            op: JournalOp::Append {
+                seq,
+                record: b"record".to_vec(),
+            },
+            done: Box::new(move |result| {
+                let thread = std::thread::current().name().unwrap_or("").to_string();
+                let _ = tx.send((thread, result));
+            }),
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("no answer")
+    }
+
+    #[test]
+    fn answers_run_on_the_runtime_when_given_one_and_on_the_writer_otherwise() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("answering-runtime")
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (resync, _) = tokio::sync::mpsc::unbounded_channel();
+        let journal = Journal::open(
+            &dir.path().join("on-runtime"),
+            JournalOptions::default(),
+            resync.clone(),
+            Some(runtime.handle().clone()),
+        )
+        .unwrap();
+        let (thread, result) = answered_on(&journal, 1);
+        assert_eq!(thread, "answering-runtime");
+        assert!(result.is_ok());
+
+        // A runtime shut down drops the answering task: answers fall back to the
+        // writer thread rather than being lost.
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        let (thread, result) = answered_on(&journal, 2);
+        assert_eq!(thread, "keydrop-journal");
+        assert!(result.is_ok());
+        journal.close();
+
+        let journal = Journal::open(
+            &dir.path().join("no-runtime"),
+            JournalOptions::default(),
+            resync,
+            None,
+        )
+        .unwrap();
+        let (thread, result) = answered_on(&journal, 1);
+        assert_eq!(thread, "keydrop-journal");
+        assert!(result.is_ok());
+        journal.close();
+    }
+
+    #[test]
+    fn a_failed_batch_is_answered_with_its_error_on_the_runtime() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("answering-runtime")
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (resync, _) = tokio::sync::mpsc::unbounded_channel();
+        let fault = FaultInjector::default();
+        let journal = Journal::open(
+            dir.path(),
+            JournalOptions {
+                fault_injector: Some(fault.clone()),
+                ..JournalOptions::default()
+            },
+            resync,
+            Some(runtime.handle().clone()),
+        )
+        .unwrap();
+        fault.fail_next_writes(1);
+        let (thread, result) = answered_on(&journal, 1);
+        assert_eq!(thread, "answering-runtime");
+        assert!(
+            matches!(result, Err(JournalError::Write(ref m)) if m.contains("injected")),
+            "{result:?}"
+        );
+        let (_, result) = answered_on(&journal, 1);
+        assert!(result.is_ok(), "the next batch is written: {result:?}");
+        journal.close();
     }
 
     /// Records `from..to` of SKU `recycle`, each written to the WAL (not synced: the
@@ -833,7 +1016,7 @@ mod tests {
     /// Every record's key, in order, read back by a freshly opened journal.
     fn reopened_journal_keys(path: &Path) -> Vec<Vec<u8>> {
         let (resync, _) = tokio::sync::mpsc::unbounded_channel();
-        let journal = Journal::open(path, JournalOptions::default(), resync).unwrap();
+        let journal = Journal::open(path, JournalOptions::default(), resync, None).unwrap();
         let db = journal.db().unwrap();
         let keys = db
             .iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start)
@@ -847,7 +1030,7 @@ mod tests {
     fn records_in_a_reused_wal_file_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let (resync, _) = tokio::sync::mpsc::unbounded_channel();
-        let journal = Journal::open(dir.path(), JournalOptions::default(), resync).unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default(), resync, None).unwrap();
         // Two flushes retire the first WAL file and then write over it.
         put_records(&journal, 1, 200);
         flush_all(&journal);

@@ -334,9 +334,13 @@ async fn corrupt_journal_record_is_reported_not_obeyed() {
     }
     {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let journal =
-            keydrop_engine::journal::Journal::open(&dir.path().join("db"), Default::default(), tx)
-                .unwrap();
+        let journal = keydrop_engine::journal::Journal::open(
+            &dir.path().join("db"),
+            Default::default(),
+            tx,
+            None,
+        )
+        .unwrap();
         journal
             .raw_put_journal_record(&id, 3, b"\x01garbage that is not a record")
             .unwrap();

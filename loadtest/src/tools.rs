@@ -31,8 +31,7 @@ pub struct ServeRedisHttpArgs {
 
 /// Serves until SIGTERM or Ctrl-C; prints `listening on http://<addr>` first.
 pub fn serve_redis_http(args: ServeRedisHttpArgs) -> Result<()> {
-    let service =
-        RedisHttpService::start(
+    let service = RedisHttpService::start(
         &args.redis_url,
         &args.admin_token,
         &args.payment_secret,

@@ -132,6 +132,13 @@ impl OrderSlots {
             self.limit.store(limit, Ordering::Relaxed);
             metrics::gauge!(ORDERS_IN_FLIGHT_LIMIT).set(f64::from(limit));
             metrics::gauge!(ORDERS_IN_FLIGHT).set(f64::from(self.in_flight()));
+            tracing::debug!(
+                limit,
+                completed = tick.completed,
+                refused = tick.refused,
+                mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64),
+                "order bound moved"
+            );
             if tick.refused > 0 && !refusing {
                 tracing::warn!(
                     limit,
