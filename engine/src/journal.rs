@@ -922,13 +922,18 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10)).expect("no answer")
     }
 
-    #[test]
-    fn answers_run_on_the_runtime_when_given_one_and_on_the_writer_otherwise() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+    /// A one-worker runtime whose thread names tell answers run on it apart.
+    fn answering_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("answering-runtime")
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn answers_run_on_the_runtime_when_given_one_and_on_the_writer_otherwise() {
+        let runtime = answering_runtime();
         let dir = tempfile::tempdir().unwrap();
         let (resync, _) = tokio::sync::mpsc::unbounded_channel();
         let journal = Journal::open(
@@ -965,11 +970,7 @@ mod tests {
 
     #[test]
     fn a_failed_batch_is_answered_with_its_error_on_the_runtime() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("answering-runtime")
-            .build()
-            .unwrap();
+        let runtime = answering_runtime();
         let dir = tempfile::tempdir().unwrap();
         let (resync, _) = tokio::sync::mpsc::unbounded_channel();
         let fault = FaultInjector::default();
