@@ -21,7 +21,9 @@
 //! holding a ready request, answers waited behind them (25-35 ms for each order on a
 //! saturated node) and an order bound going by that time shut out nearly everyone.
 //! Run on the runtime, one task per batch is woken from outside and its callers are
-//! woken locally.
+//! woken locally. That task still waits its turn: the time from a batch being written
+//! to its completions running is `keydrop_journal_answer_wait_seconds`, near zero on
+//! a node with spare CPU and about one round of the run queue on a saturated one.
 //!
 //! **Failure.** A batch that fails to write fails every request in it, and the SKUs
 //! involved are fenced: later writes from the same actor epoch are refused until the
@@ -666,11 +668,20 @@ struct AnsweredBatch {
     writes: Vec<JournalWrite>,
     /// `None`: durable.
     failure: Option<JournalError>,
+    /// When the writer was done with it.
+    written_at: Instant,
 }
 
 impl AnsweredBatch {
     fn run(self, counters: &JournalCounters) {
         let started = Instant::now();
+        // The wait for a turn on the async workers: on a saturated node this, not
+        // the fsync, is what a durable order waits for.
+        metrics::histogram!("keydrop_journal_answer_wait_seconds").record(
+            started
+                .saturating_duration_since(self.written_at)
+                .as_secs_f64(),
+        );
         for write in self.writes {
             let outcome = match &self.failure {
                 None => Ok(()),
@@ -713,7 +724,11 @@ impl Answers {
         if writes.is_empty() {
             return;
         }
-        let batch = AnsweredBatch { writes, failure };
+        let batch = AnsweredBatch {
+            writes,
+            failure,
+            written_at: Instant::now(),
+        };
         let batch = match &self.task {
             Some(task) => match task.send(batch) {
                 Ok(()) => return,

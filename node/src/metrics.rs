@@ -46,6 +46,10 @@ const FSYNC_BUCKETS: &[f64] = &[
 /// Time a small batch is held for more requests: 50 µs steps up to the default
 /// 200 µs linger, then coarser for a configured longer one.
 const LINGER_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00015, 0.0002, 0.0005, 0.001, 0.005];
+/// From tens of µs (a worker with spare time) to the rounds of a saturated run queue.
+const ANSWER_WAIT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
 /// Requests per journal batch, up to the engine's `JOURNAL_BATCH_REQUESTS_MAX` (4096).
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
@@ -119,6 +123,10 @@ pub fn install() -> Result<PrometheusHandle> {
         .set_buckets_for_metric(
             Matcher::Full("keydrop_journal_linger_seconds".to_owned()),
             LINGER_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("keydrop_journal_answer_wait_seconds".to_owned()),
+            ANSWER_WAIT_BUCKETS,
         )?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
@@ -223,6 +231,11 @@ fn describe() {
         "keydrop_journal_linger_seconds",
         Unit::Seconds,
         "Time the journal held a small batch for requests still arriving, before its fsync (only batches that waited)."
+    );
+    describe_histogram!(
+        "keydrop_journal_answer_wait_seconds",
+        Unit::Seconds,
+        "Time from a journal batch being written to its callers' answers starting to run: the wait for a turn on the async workers."
     );
     describe_histogram!(
         "keydrop_journal_batch_requests",

@@ -86,10 +86,12 @@ async fn metrics_pass_promtool_and_cover_rules_and_dashboard() {
             "{series} in:\n{text}"
         );
     }
-    assert!(
-        text.contains("keydrop_journal_fsync_seconds_bucket"),
-        "{text}"
-    );
+    for histogram in [
+        "keydrop_journal_fsync_seconds_bucket",
+        "keydrop_journal_answer_wait_seconds_bucket",
+    ] {
+        assert!(text.contains(histogram), "{histogram} in:\n{text}");
+    }
     assert!(
         text.contains("keydrop_sku_cards{sku=\"m1\",state=\"sold\"} 1"),
         "{text}"
