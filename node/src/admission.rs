@@ -175,6 +175,10 @@ impl Admission {
                     config.orders_in_flight_max,
                     (config.orders_in_flight_target_ms > 0)
                         .then(|| Duration::from_millis(config.orders_in_flight_target_ms.into())),
+                    (config.orders_in_flight_open_after_ms > 0).then(|| {
+                        let tick_ms = crate::order_slots::TICK.as_millis() as u32;
+                        config.orders_in_flight_open_after_ms.div_ceil(tick_ms)
+                    }),
                 );
                 (std::sync::Arc::new(OrderSlots::new(bound.current())), bound)
             }),

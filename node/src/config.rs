@@ -55,6 +55,11 @@ pub struct Config {
     /// comes down; set it above the disk's usual fsync time. 0 fixes the bound at
     /// `orders_in_flight_max`.
     pub orders_in_flight_target_ms: u32,
+    /// Milliseconds the order bound may sit at its floor without shortening the wait
+    /// before it opens to `orders_in_flight_max` for a second, so that a flood the
+    /// node cannot answer even by refusing is sold at full speed (see
+    /// `order_slots.rs`). 0 (the default): never.
+    pub orders_in_flight_open_after_ms: u32,
     /// Microseconds the journal may hold a small batch for requests still on their
     /// way, when the previous batch was larger (fewer, fuller fsyncs under load; no
     /// wait when idle). 0 syncs at once.
@@ -92,6 +97,7 @@ impl Default for Config {
             orders_in_flight_max: 1024,
             orders_in_flight_min: 32,
             orders_in_flight_target_ms: 5,
+            orders_in_flight_open_after_ms: 0,
             journal_linger_us: 200,
             shed_lag_ms: 5,
             transparent_huge_pages: false,
@@ -223,6 +229,10 @@ impl Config {
         }
         if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS") {
             self.orders_in_flight_target_ms = parse("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_OPEN_AFTER_MS") {
+            self.orders_in_flight_open_after_ms =
+                parse("KEYDROP_ORDERS_IN_FLIGHT_OPEN_AFTER_MS", &v)?;
         }
         if let Some(v) = get("KEYDROP_JOURNAL_LINGER_US") {
             self.journal_linger_us = parse("KEYDROP_JOURNAL_LINGER_US", &v)?;

@@ -24,6 +24,7 @@ pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
 pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
 pub const ORDERS_IN_FLIGHT: &str = "keydrop_orders_in_flight";
 pub const ORDERS_IN_FLIGHT_LIMIT: &str = "keydrop_orders_in_flight_limit";
+pub const ORDER_BOUND_OPENED: &str = "keydrop_order_bound_opened_total";
 pub const RUNTIME_LAG: &str = "keydrop_runtime_lag_seconds";
 pub const RUNTIME_WORKERS: &str = "keydrop_runtime_workers";
 pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
@@ -140,6 +141,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "keydrop_journal_write_failures_total",
         "keydrop_reservations_expired_total",
         "keydrop_cards_revealed_total",
+        ORDER_BOUND_OPENED,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -182,6 +184,10 @@ fn describe() {
     describe_gauge!(
         ORDERS_IN_FLIGHT_LIMIT,
         "The bound on orders inside the node, moved every 100 ms by the mean time orders spent inside against orders_in_flight_target_ms."
+    );
+    describe_counter!(
+        ORDER_BOUND_OPENED,
+        "Times the order bound, cut to its floor without shortening the wait, was opened for a second (orders_in_flight_open_after_ms)."
     );
     describe_gauge!(
         RUNTIME_LAG,

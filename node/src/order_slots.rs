@@ -15,6 +15,18 @@
 //!   seconds after a crowd has passed;
 //! - no order finished: nothing to go by, and the bound stays.
 //!
+//! **Opening in a flood** (`orders_in_flight_open_after_ms`, off by default). In a
+//! crowd the node cannot answer in time even by refusing (refusals cost it most of
+//! what a sale does: the HTTP exchange), the orders inside wait for the run queue, not
+//! for each other. Cutting the bound does not shorten that wait, and at its floor the
+//! node refuses nearly every buyer while selling a few hundred cards a second. With
+//! the setting, a bound that has sat at its floor for that long with the mean wait
+//! still at 80% or more of the one that started the cuts is opened to `max` for
+//! [`OPEN_TICKS`], and the node sells at full speed while buyers queue. Off by
+//! default: nothing the node sees tells such a flood from a crowd of twice what it
+//! sustains that it has fallen behind, and there opening leaves it behind its buyers
+//! for seconds where refusing would have caught up (README, overload).
+//!
 //! It starts at `max` and never leaves `[min, max]`. A fixed bound cannot do this on
 //! every machine: 64 orders inside is 5 ms of work at 13,000 orders/s, and a cap at
 //! 100,000/s; while a burst of 512 buyers on an idle node is gone in a few ms and
@@ -25,10 +37,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::metrics::{ORDERS_IN_FLIGHT, ORDERS_IN_FLIGHT_LIMIT};
+use crate::metrics::{ORDERS_IN_FLIGHT, ORDERS_IN_FLIGHT_LIMIT, ORDER_BOUND_OPENED};
 
 /// How often the bound moves.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// Ticks the bound stays at its ceiling once opened in a flood.
+pub const OPEN_TICKS: u32 = 10;
+
+/// At the floor, a mean wait still at this share of the one that started the cuts
+/// means the cuts did not shorten it.
+const CUTS_IN_VAIN: f64 = 0.8;
 
 /// The order slots: a count of orders inside the node and the bound on it.
 #[derive(Debug)]
@@ -128,7 +147,16 @@ impl OrderSlots {
                 refused: now.2 - before.2,
             };
             before = now;
+            let opened = bound.opened();
             let limit = bound.next(tick);
+            if bound.opened() > opened {
+                metrics::counter!(ORDER_BOUND_OPENED).increment(1);
+                tracing::warn!(
+                    limit,
+                    mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64),
+                    "order bound at its floor without shortening the wait; open for a second"
+                );
+            }
             self.limit.store(limit, Ordering::Relaxed);
             metrics::gauge!(ORDERS_IN_FLIGHT_LIMIT).set(f64::from(limit));
             metrics::gauge!(ORDERS_IN_FLIGHT).set(f64::from(self.in_flight()));
@@ -170,18 +198,40 @@ pub struct Bound {
     /// `None`: the bound stays at `max`.
     target: Option<Duration>,
     limit: f64,
+    /// Ticks of cuts in vain at the floor before the bound opens; `None`: never.
+    open_after: Option<u32>,
+    /// The mean wait of the tick that started the current run of cuts.
+    cuts_from: Option<Duration>,
+    /// Consecutive ticks at the floor with the wait not shortened.
+    vain_ticks: u32,
+    /// Ticks left at `max` after opening.
+    open_ticks: u32,
+    /// Times the bound was opened, ever.
+    opened: u64,
 }
 
 impl Bound {
-    /// `min` is raised to 1 and lowered to `max` if it is above it.
-    pub fn new(min: u32, max: u32, target: Option<Duration>) -> Self {
+    /// `min` is raised to 1 and lowered to `max` if it is above it. `open_after`:
+    /// ticks of cuts in vain at the floor before the bound opens (`None`: never; 0
+    /// counts as 1).
+    pub fn new(min: u32, max: u32, target: Option<Duration>, open_after: Option<u32>) -> Self {
         assert!(max > 0, "an order bound of 0 would refuse every order");
         Bound {
             min: f64::from(min.clamp(1, max)),
             max: f64::from(max),
             target,
             limit: f64::from(max),
+            open_after: open_after.map(|ticks| ticks.max(1)),
+            cuts_from: None,
+            vain_ticks: 0,
+            open_ticks: 0,
+            opened: 0,
         }
+    }
+
+    /// Times the bound was opened in a flood.
+    pub fn opened(&self) -> u64 {
+        self.opened
     }
 
     pub fn current(&self) -> u32 {
@@ -194,7 +244,30 @@ impl Bound {
         let (Some(target), Some(mean)) = (self.target, tick.mean()) else {
             return self.current();
         };
+        if self.open_ticks > 0 {
+            self.open_ticks -= 1;
+            return self.current();
+        }
+        if mean <= target {
+            self.cuts_from = None;
+            self.vain_ticks = 0;
+        }
         let factor = if mean > target {
+            let cuts_from = *self.cuts_from.get_or_insert(mean);
+            let in_vain = self.limit <= self.min
+                && mean.as_secs_f64() >= CUTS_IN_VAIN * cuts_from.as_secs_f64();
+            self.vain_ticks = if in_vain { self.vain_ticks + 1 } else { 0 };
+            if self
+                .open_after
+                .is_some_and(|after| self.vain_ticks >= after)
+            {
+                self.cuts_from = None;
+                self.vain_ticks = 0;
+                self.open_ticks = OPEN_TICKS;
+                self.opened += 1;
+                self.limit = self.max;
+                return self.current();
+            }
             (target.as_secs_f64() / mean.as_secs_f64()).clamp(0.5, 0.95)
         } else if tick.refused > 0 {
             1.1
@@ -228,7 +301,7 @@ mod tests {
 
     #[test]
     fn the_bound_starts_at_its_ceiling_and_is_cut_in_proportion_to_the_overshoot() {
-        let mut bound = Bound::new(8, 1_000, Some(5 * MS));
+        let mut bound = Bound::new(8, 1_000, Some(5 * MS), None);
         assert_eq!(bound.current(), 1_000, "a burst on an idle node gets in");
         assert_eq!(
             bound.next(tick(300, 10 * MS, 0)),
@@ -250,7 +323,7 @@ mod tests {
 
     #[test]
     fn the_bound_grows_back_faster_while_it_turns_orders_away() {
-        let mut bound = Bound::new(8, 1_000, Some(5 * MS));
+        let mut bound = Bound::new(8, 1_000, Some(5 * MS), None);
         for _ in 0..10 {
             bound.next(tick(100, 20 * MS, 50));
         }
@@ -278,9 +351,92 @@ mod tests {
         );
     }
 
+    /// A bound that opens after `VAIN` ticks of cuts in vain, cut from 1,024 to its
+    /// floor of 32 by five ticks at 60 ms.
+    const VAIN: u32 = 10;
+    fn cut_to_the_floor() -> Bound {
+        let mut bound = Bound::new(32, 1_024, Some(5 * MS), Some(VAIN));
+        for expected in [512, 256, 128, 64, 32] {
+            assert_eq!(bound.next(tick(100, 60 * MS, 500)), expected);
+        }
+        bound
+    }
+
+    #[test]
+    fn cuts_that_do_not_shorten_the_wait_open_the_bound_for_a_while() {
+        let mut bound = cut_to_the_floor();
+        // At the floor the orders inside still wait 55 of the 60 ms that started the
+        // cuts; a node that can catch up by refusing gets VAIN ticks to show it.
+        for _ in 1..VAIN {
+            assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 32);
+        }
+        assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 1_024, "opened");
+        assert_eq!(bound.opened(), 1);
+        for _ in 0..OPEN_TICKS {
+            assert_eq!(bound.next(tick(1_000, 40 * MS, 0)), 1_024, "held open");
+        }
+        assert_eq!(
+            bound.next(tick(1_000, 40 * MS, 0)),
+            512,
+            "then cut again, from a new start"
+        );
+    }
+
+    #[test]
+    fn cuts_that_shorten_the_wait_keep_the_bound_down() {
+        let mut bound = cut_to_the_floor();
+        for _ in 0..3 * VAIN {
+            assert_eq!(
+                bound.next(tick(300, 20 * MS, 2_000)),
+                32,
+                "20 ms against the 60 that started the cuts: the cuts work"
+            );
+        }
+        assert_eq!(bound.opened(), 0);
+    }
+
+    #[test]
+    fn one_tick_that_shortens_the_wait_restarts_the_count() {
+        let mut bound = cut_to_the_floor();
+        for _ in 1..VAIN {
+            bound.next(tick(30, 55 * MS, 3_000));
+        }
+        assert_eq!(
+            bound.next(tick(30, 30 * MS, 3_000)),
+            32,
+            "30 ms: these cuts work"
+        );
+        for _ in 1..VAIN {
+            assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 32);
+        }
+        assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 1_024);
+    }
+
+    #[test]
+    fn a_tick_under_target_starts_a_new_run_of_cuts() {
+        let mut bound = cut_to_the_floor();
+        bound.next(tick(100, 4 * MS, 500));
+        // The new run starts from 12 ms: 11 ms at the floor is cuts in vain, though
+        // far below the 60 ms of the run before.
+        assert_eq!(bound.next(tick(100, 12 * MS, 500)), 32);
+        for _ in 1..VAIN {
+            assert_eq!(bound.next(tick(100, 11 * MS, 500)), 32);
+        }
+        assert_eq!(bound.next(tick(100, 11 * MS, 500)), 1_024);
+    }
+
+    #[test]
+    fn by_default_the_bound_never_opens() {
+        let mut bound = Bound::new(32, 1_024, Some(5 * MS), None);
+        for _ in 0..100 {
+            bound.next(tick(30, 60 * MS, 3_000));
+        }
+        assert_eq!((bound.current(), bound.opened()), (32, 0));
+    }
+
     #[test]
     fn a_tick_in_which_nothing_finished_leaves_the_bound() {
-        let mut bound = Bound::new(8, 1_000, Some(5 * MS));
+        let mut bound = Bound::new(8, 1_000, Some(5 * MS), None);
         bound.next(tick(10, 10 * MS, 0));
         assert_eq!(bound.next(Tick::default()), 500);
         assert_eq!(
@@ -294,20 +450,20 @@ mod tests {
 
     #[test]
     fn without_a_target_the_bound_is_fixed_at_the_ceiling() {
-        let mut bound = Bound::new(8, 1_024, None);
+        let mut bound = Bound::new(8, 1_024, None, None);
         assert_eq!(bound.current(), 1_024);
         assert_eq!(bound.next(tick(1_000, 100 * MS, 10)), 1_024);
     }
 
     #[test]
     fn the_floor_is_at_least_one_and_at_most_the_ceiling() {
-        let mut bound = Bound::new(0, 3, Some(5 * MS));
+        let mut bound = Bound::new(0, 3, Some(5 * MS), None);
         for _ in 0..10 {
             bound.next(tick(5, 100 * MS, 0));
         }
         assert_eq!(bound.current(), 1, "a floor of 0 still lets one order in");
         assert_eq!(bound.next(tick(5, MS, 3)), 2, "and grows from 1");
-        let mut bound = Bound::new(500, 2, Some(5 * MS));
+        let mut bound = Bound::new(500, 2, Some(5 * MS), None);
         assert_eq!(bound.next(tick(5, 100 * MS, 0)), 2);
     }
 
