@@ -24,8 +24,8 @@
 //! still at 80% or more of the one that started the cuts is opened to `max` for
 //! [`OPEN_TICKS`], and the node sells at full speed while buyers queue. Off by
 //! default: nothing the node sees tells such a flood from a crowd of twice what it
-//! sustains that it has fallen behind, and there opening leaves it behind its buyers
-//! for seconds where refusing would have caught up (README, overload).
+//! sustains once it has fallen behind that crowd, and there opening keeps it seconds
+//! behind its buyers where refusing would have caught up (README, overload).
 //!
 //! It starts at `max` and never leaves `[min, max]`. A fixed bound cannot do this on
 //! every machine: 64 orders inside is 5 ms of work at 13,000 orders/s, and a cap at
