@@ -280,6 +280,36 @@ mod tests {
     }
 
     #[test]
+    fn the_flood_setting_reaches_the_order_bound_in_whole_ticks() {
+        use crate::order_slots::Tick;
+        // Cut from 1,024 to the floor of 32, then ticks at the floor whose orders
+        // still wait 60 ms: which tick opens the bound?
+        let ticks_until_open = |open_after_ms: u32| {
+            let a = admission(Config {
+                orders_in_flight_open_after_ms: open_after_ms,
+                ..Config::default()
+            });
+            let (_, mut bound) = a.order_slots.expect("the bound is on by default");
+            let slow = Tick {
+                completed: 100,
+                held: Duration::from_millis(60) * 100,
+                refused: 1_000,
+            };
+            while bound.current() > 32 {
+                bound.next(slow);
+            }
+            (1..=100).find(|_| bound.next(slow) == 1_024)
+        };
+        assert_eq!(ticks_until_open(0), None, "off by default");
+        assert_eq!(ticks_until_open(1_000), Some(10));
+        assert_eq!(
+            ticks_until_open(250),
+            Some(3),
+            "250 ms rounds up to 3 ticks"
+        );
+    }
+
+    #[test]
     fn orders_are_shed_while_the_workers_lag_and_let_in_once_they_catch_up() {
         let a = admission(Config {
             shed_lag_ms: 50,

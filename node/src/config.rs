@@ -317,6 +317,7 @@ mod tests {
             ("KEYDROP_ADMIN_TOKEN", "tok"),
             ("KEYDROP_LOG_FORMAT", "json"),
             ("KEYDROP_WORKERS", "1"),
+            ("KEYDROP_ORDERS_IN_FLIGHT_OPEN_AFTER_MS", "1000"),
         ]
         .into_iter()
         .collect();
@@ -329,6 +330,7 @@ mod tests {
         assert_eq!(config.admin_token, Some(Secret::new("tok")));
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.workers, 1);
+        assert_eq!(config.orders_in_flight_open_after_ms, 1_000);
         // Untouched settings keep the file's or the default value.
         assert_eq!(config.rate_per_ip, 200);
     }
