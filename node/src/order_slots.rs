@@ -248,10 +248,6 @@ impl Bound {
             self.open_ticks -= 1;
             return self.current();
         }
-        if mean <= target {
-            self.cuts_from = None;
-            self.vain_ticks = 0;
-        }
         let factor = if mean > target {
             let cuts_from = *self.cuts_from.get_or_insert(mean);
             let in_vain = self.limit <= self.min
@@ -269,10 +265,14 @@ impl Bound {
                 return self.current();
             }
             (target.as_secs_f64() / mean.as_secs_f64()).clamp(0.5, 0.95)
-        } else if tick.refused > 0 {
-            1.1
         } else {
-            1.02
+            self.cuts_from = None;
+            self.vain_ticks = 0;
+            if tick.refused > 0 {
+                1.1
+            } else {
+                1.02
+            }
         };
         // The +1 lets a bound of 1 or 2 grow at all.
         let grown = if factor > 1.0 {
@@ -362,15 +362,21 @@ mod tests {
         bound
     }
 
+    /// Feeds `at_floor` to a bound at its floor of 32: it holds there for VAIN - 1
+    /// ticks and opens to 1,024 on the VAIN-th.
+    fn assert_opens_on_the_last_vain_tick(bound: &mut Bound, at_floor: Tick) {
+        for _ in 1..VAIN {
+            assert_eq!(bound.next(at_floor), 32);
+        }
+        assert_eq!(bound.next(at_floor), 1_024, "opened");
+    }
+
     #[test]
     fn cuts_that_do_not_shorten_the_wait_open_the_bound_for_a_while() {
         let mut bound = cut_to_the_floor();
         // At the floor the orders inside still wait 55 of the 60 ms that started the
         // cuts; a node that can catch up by refusing gets VAIN ticks to show it.
-        for _ in 1..VAIN {
-            assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 32);
-        }
-        assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 1_024, "opened");
+        assert_opens_on_the_last_vain_tick(&mut bound, tick(30, 55 * MS, 3_000));
         assert_eq!(bound.opened(), 1);
         for _ in 0..OPEN_TICKS {
             assert_eq!(bound.next(tick(1_000, 40 * MS, 0)), 1_024, "held open");
@@ -406,10 +412,7 @@ mod tests {
             32,
             "30 ms: these cuts work"
         );
-        for _ in 1..VAIN {
-            assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 32);
-        }
-        assert_eq!(bound.next(tick(30, 55 * MS, 3_000)), 1_024);
+        assert_opens_on_the_last_vain_tick(&mut bound, tick(30, 55 * MS, 3_000));
     }
 
     #[test]
@@ -419,10 +422,7 @@ mod tests {
         // The new run starts from 12 ms: 11 ms at the floor is cuts in vain, though
         // far below the 60 ms of the run before.
         assert_eq!(bound.next(tick(100, 12 * MS, 500)), 32);
-        for _ in 1..VAIN {
-            assert_eq!(bound.next(tick(100, 11 * MS, 500)), 32);
-        }
-        assert_eq!(bound.next(tick(100, 11 * MS, 500)), 1_024);
+        assert_opens_on_the_last_vain_tick(&mut bound, tick(100, 11 * MS, 500));
     }
 
     #[test]
