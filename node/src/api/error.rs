@@ -6,7 +6,10 @@
 //! Transient ones (a full queue, a journal that cannot write, a shutdown) become 503
 //! with `Retry-After`: the same request may succeed later, unlike a 409.
 
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use axum::body::Bytes;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -165,6 +168,52 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// `ApiError::Overloaded` as a response, made without serialising anything: in a
+    /// crowd past the order bound most requests end with it, and its cost is what
+    /// the node pays for each buyer it turns away. The same bytes and headers as
+    /// `ApiError::Overloaded.into_response()` (a test holds them equal).
+    pub fn overloaded_response() -> Response {
+        static BODY: OnceLock<Bytes> = OnceLock::new();
+        let body = BODY
+            .get_or_init(|| {
+                serde_json::to_vec(&ApiError::Overloaded.body())
+                    .expect("an error body serialises")
+                    .into()
+            })
+            .clone();
+        tracing::debug!(code = ApiError::Overloaded.code(), "request refused");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                (
+                    header::RETRY_AFTER,
+                    retry_after_value(RETRY_AFTER_OVERLOADED),
+                ),
+            ],
+            body,
+        )
+            .into_response()
+    }
+
+    fn body(&self) -> ErrorBody<'static> {
+        ErrorBody {
+            error: self.code(),
+            message: self.message(),
+        }
+    }
+}
+
+/// Whole seconds, rounded up, never 0: "retry now" would defeat the point.
+fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -174,17 +223,11 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(detail) => tracing::debug!(%detail, "unavailable"),
             _ => tracing::debug!(code = self.code(), "request refused"),
         }
-        let body = ErrorBody {
-            error: self.code(),
-            message: self.message(),
-        };
-        let mut response = (status, axum::Json(body)).into_response();
+        let mut response = (status, axum::Json(self.body())).into_response();
         if let Some(wait) = self.retry_after() {
-            // Whole seconds, rounded up, never 0: "retry now" would defeat the point.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                .insert(header::RETRY_AFTER, retry_after_value(wait));
         }
         response
     }
@@ -297,6 +340,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_prebuilt_overloaded_response_is_the_overloaded_error() {
+        let built = ApiError::Overloaded.into_response();
+        let prebuilt = ApiError::overloaded_response();
+        assert_eq!(prebuilt.status(), built.status());
+        assert_eq!(prebuilt.headers(), built.headers());
+        let body = |response: Response| axum::body::to_bytes(response.into_body(), usize::MAX);
+        let (prebuilt, built) = (body(prebuilt).await.unwrap(), body(built).await.unwrap());
+        assert_eq!(prebuilt, built);
+        let json: serde_json::Value = serde_json::from_slice(&prebuilt).unwrap();
+        assert_eq!(json["error"], "overloaded");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Order routes: `POST /v1/skus/{sku}/orders` (reserve a card), `GET` and `DELETE
 //! /v1/orders/{order_id}`.
 //!
-//! A reservation passes, in order: the per-IP bucket (before the body is read, so a
-//! flood costs little), body and header parsing, the per-device and per-user buckets,
+//! A reservation passes, in order: the overload gate (before anything of the request
+//! is parsed, with a response made once, so turning a buyer away costs the node
+//! little more than the HTTP exchange), the per-IP bucket (before the body is read, so
+//! a flood costs little), body and header parsing, the per-device and per-user buckets,
 //! sold-out shedding (no trip to the actor), and only then the SKU's actor, which
 //! answers once the reservation is durable.
 //!
@@ -13,7 +15,7 @@
 use std::fmt::Write as _;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -63,26 +65,28 @@ pub fn rate_limited(rejected: Rejected) -> ApiError {
     ApiError::RateLimited(rejected)
 }
 
-pub async fn create_order(
-    State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
-    sku: Result<SkuPath, ApiError>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    // Bounded before any work: past the bound a buyer is told to come back (503 with
-    // Retry-After) rather than wait behind a queue that cannot drain in time.
-    let outcome = match state.admission.admit_order() {
-        Ok(slot) => {
-            let outcome = reserve(&state, ip, sku, &headers, body).await;
-            drop(slot);
-            outcome
-        }
+pub async fn create_order(State(state): State<AppState>, request: Request) -> Response {
+    // Bounded before any work, extractors included: past the bound a buyer is told to
+    // come back (503 with Retry-After) rather than wait behind a queue that cannot
+    // drain in time, and in a crowd most requests end here, so the refusal costs
+    // little more than the HTTP exchange itself.
+    let slot = match state.admission.admit_order() {
+        Ok(slot) => slot,
         Err(reason) => {
             OVERLOAD_SHED.increment(reason.as_str(), 1);
-            Err(ApiError::Overloaded)
+            ORDER_OUTCOMES.increment(ApiError::Overloaded.code(), 1);
+            return ApiError::overloaded_response();
         }
     };
+    let (mut parts, body) = request.into_parts();
+    let outcome = match ClientIp::from_request_parts(&mut parts, &state).await {
+        Ok(ClientIp(ip)) => {
+            let sku = SkuPath::from_request_parts(&mut parts, &state).await;
+            reserve(&state, ip, sku, &parts.headers, body).await
+        }
+        Err(error) => Err(error),
+    };
+    drop(slot);
     let label = match &outcome {
         Ok(view) if view.replayed => "replayed",
         Ok(_) => "reserved",
