@@ -9,9 +9,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keydrop_engine::{EngineError, SkuError};
 use serde::Serialize;
@@ -174,30 +174,27 @@ impl ApiError {
     /// the node pays for each buyer it turns away. The same bytes and headers as
     /// `ApiError::Overloaded.into_response()` (a test holds them equal).
     pub fn overloaded_response() -> Response {
-        static BODY: OnceLock<Bytes> = OnceLock::new();
-        let body = BODY
-            .get_or_init(|| {
-                serde_json::to_vec(&ApiError::Overloaded.body())
-                    .expect("an error body serialises")
-                    .into()
-            })
-            .clone();
+        static PREBUILT: OnceLock<(HeaderMap, Bytes)> = OnceLock::new();
+        let (headers, body) = PREBUILT.get_or_init(|| {
+            let mut headers = HeaderMap::with_capacity(2);
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                header::RETRY_AFTER,
+                retry_after_value(RETRY_AFTER_OVERLOADED),
+            );
+            let body =
+                serde_json::to_vec(&ApiError::Overloaded.body()).expect("an error body serialises");
+            (headers, body.into())
+        });
         tracing::debug!(code = ApiError::Overloaded.code(), "request refused");
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                ),
-                (
-                    header::RETRY_AFTER,
-                    retry_after_value(RETRY_AFTER_OVERLOADED),
-                ),
-            ],
-            body,
-        )
-            .into_response()
+        // Cloned whole: no header name hashed, no value formatted, no body written.
+        let mut response = Response::new(Body::from(body.clone()));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        *response.headers_mut() = headers.clone();
+        response
     }
 
     fn body(&self) -> ErrorBody<'static> {
