@@ -7,6 +7,7 @@ mod driver;
 mod drop_cmd;
 mod engine_bench;
 mod model;
+mod node_metrics;
 mod open_orders;
 mod report;
 mod schedule;

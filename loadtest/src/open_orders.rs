@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::node_metrics::{scrape, NodeWindow};
 use crate::stats::{format_us, new_histogram, write_json, Percentiles};
 use crate::target::http::loopback_url;
 
@@ -67,6 +68,11 @@ pub struct OrdersArgs {
     /// Also write the result as JSON here.
     #[arg(long)]
     pub json: Option<String>,
+    /// The target is a keydrop node: read its `/metrics` before the warm-up and after
+    /// the last answer, and report what its journal and overload gate did in between
+    /// (fsyncs over 10 and 50 ms, answers that waited for a worker, orders shed).
+    #[arg(long)]
+    pub node_metrics: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +112,9 @@ pub struct OrdersReport {
     /// seconds it spans, which one overall percentile cannot tell apart from a
     /// tail spread over the whole run.
     pub timeline: Vec<ScheduleSecond>,
+    /// With `--node-metrics`: the node's own account of the run, warm-up included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeWindow>,
 }
 
 /// The orders due in one second of the schedule.
@@ -208,6 +217,9 @@ fn print(report: &OrdersReport) {
             shown.join("; ")
         );
     }
+    if let Some(node) = &report.node {
+        println!("the node, warm-up included: {}", node.summary());
+    }
 }
 
 /// What one connection saw.
@@ -251,6 +263,13 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         "POST /v1/skus/{}/orders HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: ",
         args.sku
     );
+    // Read before the connections open and after the last answer, so that the reading
+    // (the node renders every series) costs nothing inside the schedule.
+    let metrics_client = reqwest::Client::new();
+    let node_before = match args.node_metrics {
+        true => Some(scrape(&metrics_client, &args.url).await?),
+        false => None,
+    };
     // Every connection is open before the clock starts, so dialling is not timed.
     let mut streams = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -311,6 +330,13 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         }
     }
     let elapsed = measured_start.elapsed().as_secs_f64().max(args.secs);
+    let node = match node_before {
+        Some(before) => Some(NodeWindow::between(
+            &before,
+            &scrape(&metrics_client, &args.url).await?,
+        )),
+        None => None,
+    };
     let answered = created.len() + other.values().sum::<u64>();
     Ok(OrdersReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -330,6 +356,7 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
         send_lag: Percentiles::of(&send_lag),
         started_at_unix_ms,
         timeline,
+        node,
     })
 }
 
@@ -631,6 +658,7 @@ mod tests {
             connections,
             user_prefix: "t".into(),
             json: None,
+            node_metrics: false,
         }
     }
 
@@ -731,6 +759,60 @@ mod tests {
             report.created_from_send
         );
         assert!(report.created_from_send.p50_us >= 5_000);
+    }
+
+    #[tokio::test]
+    async fn reads_the_node_metrics_before_and_after_the_run() {
+        // Each read of /metrics shows 10 more fsyncs, one of them over 50 ms.
+        let reads = Arc::new(AtomicU64::new(0));
+        let metrics_reads = Arc::clone(&reads);
+        let app = Router::new()
+            .route(
+                "/v1/skus/{sku}/orders",
+                post(|| async { (StatusCode::CREATED, "{}") }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let n = metrics_reads.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        format!(
+                            "keydrop_journal_fsync_seconds_bucket{{le=\"0.01\"}} {fast}\n\
+                             keydrop_journal_fsync_seconds_bucket{{le=\"0.05\"}} {fast}\n\
+                             keydrop_journal_fsync_seconds_bucket{{le=\"0.1\"}} {all}\n\
+                             keydrop_journal_fsync_seconds_bucket{{le=\"+Inf\"}} {all}\n",
+                            fast = 9 * n,
+                            all = 10 * n
+                        )
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let mut args = test_args(url.clone(), 200.0, 0.1, 2);
+        let report = run(&args).await.unwrap();
+        assert_eq!(report.node, None, "not read unless asked");
+        assert_eq!(reads.load(Ordering::SeqCst), 0);
+
+        args.node_metrics = true;
+        let report = run(&args).await.unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 2, "once before, once after");
+        let node = report.node.expect("the node's account");
+        assert_eq!(node.fsyncs.count, 10);
+        assert_eq!(
+            (node.fsyncs.over_10ms, node.fsyncs.over_50ms),
+            (Some(1), Some(1))
+        );
+        assert_eq!(node.fsyncs.slowest_at_most_secs, Some(0.1));
+        assert_eq!(node.answer_waits.count, 0);
+
+        args.url = format!("{url}/nowhere");
+        assert!(
+            run(&args).await.is_err(),
+            "a target without /metrics is an error when they are asked for"
+        );
     }
 
     #[tokio::test]

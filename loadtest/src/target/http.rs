@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::{Answer, OrderRef, ReserveRequest, Stock, Target};
 use crate::audit::{OrderState, SkuCounts, Status, TargetState};
+use crate::node_metrics::samples;
 
 /// Cards per import request: well under the 64 MiB import limit.
 const IMPORT_CHUNK_CARDS_MAX: usize = 20_000;
@@ -378,22 +379,13 @@ impl Target for HttpTarget {
 
 /// Sums the `_sum` and `_count` series of a Prometheus histogram or summary.
 fn sum_and_count(metrics: &str, name: &str) -> Option<(f64, f64)> {
-    let value = |suffix: &str| -> Option<f64> {
+    let total = |suffix: &str| {
         let series = format!("{name}{suffix}");
-        let mut found = None;
-        for line in metrics.lines() {
-            let Some(rest) = line.strip_prefix(&series) else {
-                continue;
-            };
-            if !(rest.starts_with(' ') || rest.starts_with('{')) {
-                continue;
-            }
-            let number = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
-            *found.get_or_insert(0.0) += number;
-        }
-        found
+        samples(metrics, &series)
+            .map(|(_, value)| value)
+            .reduce(|a, b| a + b)
     };
-    Some((value("_sum")?, value("_count")?))
+    Some((total("_sum")?, total("_count")?))
 }
 
 /// Journal figures from keydrop's `/metrics`: fsyncs, their mean latency, the
