@@ -266,9 +266,10 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     // Read before the connections open and after the last answer, so that the reading
     // (the node renders every series) costs nothing inside the schedule.
     let metrics_client = reqwest::Client::new();
-    let node_before = match args.node_metrics {
-        true => Some(scrape(&metrics_client, &args.url).await?),
-        false => None,
+    let node_before = if args.node_metrics {
+        Some(scrape(&metrics_client, &args.url).await?)
+    } else {
+        None
     };
     // Every connection is open before the clock starts, so dialling is not timed.
     let mut streams = Vec::with_capacity(args.connections);

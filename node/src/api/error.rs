@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keydrop_engine::{EngineError, SkuError};
@@ -166,9 +165,7 @@ impl ApiError {
             _ => None,
         }
     }
-}
 
-impl ApiError {
     /// `ApiError::Overloaded` as a response, made without serialising anything: in a
     /// crowd past the order bound most requests end with it, and its cost is what
     /// the node pays for each buyer it turns away. The same bytes and headers as
