@@ -265,9 +265,10 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     );
     // Read before the connections open and after the last answer, so that the reading
     // (the node renders every series) costs nothing inside the schedule.
-    let metrics_client = reqwest::Client::new();
     let node_before = if args.node_metrics {
-        Some(scrape(&metrics_client, &args.url).await?)
+        let client = reqwest::Client::new();
+        let before = scrape(&client, &args.url).await?;
+        Some((client, before))
     } else {
         None
     };
@@ -332,9 +333,9 @@ pub async fn run(args: &OrdersArgs) -> Result<OrdersReport> {
     }
     let elapsed = measured_start.elapsed().as_secs_f64().max(args.secs);
     let node = match node_before {
-        Some(before) => Some(NodeWindow::between(
+        Some((client, before)) => Some(NodeWindow::between(
             &before,
-            &scrape(&metrics_client, &args.url).await?,
+            &scrape(&client, &args.url).await?,
         )),
         None => None,
     };

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::{Answer, OrderRef, ReserveRequest, Stock, Target};
 use crate::audit::{OrderState, SkuCounts, Status, TargetState};
-use crate::node_metrics::samples;
+use crate::node_metrics::{samples, scrape};
 
 /// Cards per import request: well under the 64 MiB import limit.
 const IMPORT_CHUNK_CARDS_MAX: usize = 20_000;
@@ -363,17 +363,11 @@ impl Target for HttpTarget {
     }
 
     async fn breakdown(&self) -> Vec<(String, String)> {
-        let response = self
-            .client
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await;
-        match response {
-            Ok(response) if response.status().is_success() => {
-                journal_breakdown(&response.text().await.unwrap_or_default())
-            }
-            _ => Vec::new(),
-        }
+        // A node whose metrics cannot be read leaves the breakdown out, not the run.
+        scrape(&self.client, &self.base)
+            .await
+            .map(|metrics| journal_breakdown(&metrics))
+            .unwrap_or_default()
     }
 }
 
