@@ -147,13 +147,14 @@ impl OrderSlots {
                 refused: now.2 - before.2,
             };
             before = now;
+            let mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64);
             let opened = bound.opened();
             let limit = bound.next(tick);
             if bound.opened() > opened {
                 metrics::counter!(ORDER_BOUND_OPENED).increment(1);
                 tracing::warn!(
                     limit,
-                    mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64),
+                    mean_inside_us,
                     "order bound at its floor without shortening the wait; open for a second"
                 );
             }
@@ -164,14 +165,14 @@ impl OrderSlots {
                 limit,
                 completed = tick.completed,
                 refused = tick.refused,
-                mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64),
+                mean_inside_us,
                 "order bound moved"
             );
             if tick.refused > 0 && !refusing {
                 tracing::warn!(
                     limit,
                     refused = tick.refused,
-                    mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64),
+                    mean_inside_us,
                     "every order slot taken; shedding new orders with 503 overloaded"
                 );
             } else if tick.refused == 0 && refusing {
