@@ -211,6 +211,9 @@ const BACKGROUND_WRITE_BYTES_PER_SEC: i64 = 48 << 20;
 const BACKGROUND_SYNC_BYTES: u64 = 1 << 20;
 /// Obsolete WAL files kept to be written over instead of created afresh.
 const RECYCLED_LOG_FILES: usize = 4;
+/// A synced write that takes this long gets a log line: every order in it waited
+/// that long, and the line's time lines it up with the slow second a buyer saw.
+const SLOW_WRITE: Duration = Duration::from_millis(50);
 
 pub struct Journal {
     /// Taken out and dropped by [`Journal::close`], so the RocksDB folder is released
@@ -845,6 +848,13 @@ fn run_writer(
             .write_nanos
             .fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
         metrics::histogram!("keydrop_journal_fsync_seconds").record(write_time.as_secs_f64());
+        if write_time >= SLOW_WRITE {
+            tracing::warn!(
+                write_ms = write_time.as_millis() as u64,
+                requests = accepted.len(),
+                "slow journal write (WAL append and fsync); every request in the batch waited for it"
+            );
+        }
         metrics::histogram!("keydrop_journal_batch_requests").record(accepted.len() as f64);
         queued.fetch_sub(taken, Ordering::Relaxed);
         metrics::gauge!("keydrop_journal_queue_depth").set(queued.load(Ordering::Relaxed) as f64);
