@@ -225,8 +225,8 @@ fn print(report: &OrdersReport) {
 /// What one connection saw. Latencies are kept as plain microsecond samples and
 /// go into the run's histograms once every connection is done: four histograms
 /// per connection (139 KiB each at three digits up to 60 s) would be zeroed as the
-/// schedule starts, 285 MiB for 512 connections, and that held back the first
-/// 0.7 s of orders on a 2-core machine, then sent them at once.
+/// schedule starts, 285 MiB for 512 connections, holding back the first 0.7 s of
+/// orders on a 2-core machine and then sending them in one burst.
 struct ConnectionTally {
     sent: u64,
     created: Vec<u32>,
@@ -446,13 +446,13 @@ async fn drive_connection(
     head: String,
     user: String,
 ) -> ConnectionTally {
-    let measured = schedule.measured_orders();
+    let measured_orders = schedule.measured_orders();
     let mut tally = ConnectionTally {
         sent: 0,
-        created: Vec::with_capacity(measured),
-        created_from_send: Vec::with_capacity(measured),
+        created: Vec::with_capacity(measured_orders),
+        created_from_send: Vec::with_capacity(measured_orders),
         overloaded_from_send: Vec::new(),
-        send_lag: Vec::with_capacity(measured),
+        send_lag: Vec::with_capacity(measured_orders),
         other_statuses: Vec::new(),
         failed: 0,
         timeline: schedule.seconds(),
