@@ -25,6 +25,7 @@ pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
 pub const ORDERS_IN_FLIGHT: &str = "keydrop_orders_in_flight";
 pub const ORDERS_IN_FLIGHT_LIMIT: &str = "keydrop_orders_in_flight_limit";
 pub const ORDER_BOUND_OPENED: &str = "keydrop_order_bound_opened_total";
+pub const ORDER_FLOOR_RAISED: &str = "keydrop_order_bound_floor_raised_total";
 pub const RUNTIME_LAG: &str = "keydrop_runtime_lag_seconds";
 pub const RUNTIME_WORKERS: &str = "keydrop_runtime_workers";
 pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
@@ -142,6 +143,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "keydrop_reservations_expired_total",
         "keydrop_cards_revealed_total",
         ORDER_BOUND_OPENED,
+        ORDER_FLOOR_RAISED,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -184,6 +186,10 @@ fn describe() {
     describe_gauge!(
         ORDERS_IN_FLIGHT_LIMIT,
         "The bound on orders inside the node, moved every 100 ms by the mean time orders spent inside against orders_in_flight_target_ms."
+    );
+    describe_counter!(
+        ORDER_FLOOR_RAISED,
+        "Times the order bound's floor was doubled because cutting the bound to it had not shortened the wait (a flood)."
     );
     describe_counter!(
         ORDER_BOUND_OPENED,

@@ -15,19 +15,27 @@
 //!   seconds after a crowd has passed;
 //! - no order finished: nothing to go by, and the bound stays.
 //!
-//! **Opening in a flood** (`orders_in_flight_open_after_ms`, off by default). In a
-//! crowd the node cannot answer in time even by refusing (refusals cost it most of
-//! what a sale does: the HTTP exchange), the orders inside wait for the run queue, not
-//! for each other. Cutting the bound does not shorten that wait, and at its floor the
-//! node refuses nearly every buyer while selling a few hundred cards a second. With
-//! the setting, a bound that has sat at its floor for that long with the mean wait
+//! **Raising the floor in a flood.** In a crowd the node cannot answer in time even
+//! by refusing (refusals cost it most of what a sale does: the HTTP exchange), the
+//! orders inside wait for the run queue, about one round of the busy connections,
+//! not for each other. Cutting the bound does not shorten that wait, and at its
+//! floor the node sells about `floor / wait` cards a second, a few hundred, while it
+//! refuses nearly every buyer. So after [`RAISE_FLOOR_AFTER`] ticks at the floor with
+//! the mean wait still at 80% or more of the one that started the cuts, the floor is
+//! doubled, up to [`FLOOR_RAISED_MAX`] times its setting; the first tick under
+//! `target` puts it back. At twice what the node sustains the bound rarely sits at
+//! its floor, and there the raise was not seen to move the p99 (README, overload).
+//!
+//! **Opening in a flood** (`orders_in_flight_open_after_ms`, off by default; when set,
+//! it replaces raising the floor). With the setting, a bound that has sat at its
+//! floor for that long with the mean wait
 //! still at 80% or more of the one that started the cuts is opened to `max` for
 //! [`OPEN_TICKS`], and the node sells at full speed while buyers queue. Off by
 //! default: nothing the node sees tells such a flood from a crowd of twice what it
 //! sustains once it has fallen behind that crowd, and there opening keeps it seconds
 //! behind its buyers where refusing would have caught up (README, overload).
 //!
-//! It starts at `max` and never leaves `[min, max]`. A fixed bound cannot do this on
+//! It starts at `max` and never leaves `[floor, max]`. A fixed bound cannot do this on
 //! every machine: 64 orders inside is 5 ms of work at 13,000 orders/s, and a cap at
 //! 100,000/s; while a burst of 512 buyers on an idle node is gone in a few ms and
 //! should not be refused.
@@ -37,7 +45,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::metrics::{ORDERS_IN_FLIGHT, ORDERS_IN_FLIGHT_LIMIT, ORDER_BOUND_OPENED};
+use crate::metrics::{
+    ORDERS_IN_FLIGHT, ORDERS_IN_FLIGHT_LIMIT, ORDER_BOUND_OPENED, ORDER_FLOOR_RAISED,
+};
 
 /// How often the bound moves.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -48,6 +58,12 @@ pub const OPEN_TICKS: u32 = 10;
 /// At the floor, a mean wait still at this share of the one that started the cuts
 /// means the cuts did not shorten it.
 const CUTS_IN_VAIN: f64 = 0.8;
+
+/// Ticks of cuts in vain at the floor after which the floor is doubled.
+const RAISE_FLOOR_AFTER: u32 = 5;
+
+/// The floor is raised to at most this many times its setting.
+const FLOOR_RAISED_MAX: f64 = 8.0;
 
 /// The order slots: a count of orders inside the node and the bound on it.
 #[derive(Debug)]
@@ -148,8 +164,21 @@ impl OrderSlots {
             };
             before = now;
             let mean_inside_us = tick.mean().map_or(0, |d| d.as_micros() as u64);
-            let opened = bound.opened();
+            let (opened, floor) = (bound.opened(), bound.floor());
             let limit = bound.next(tick);
+            if bound.floor() > floor {
+                metrics::counter!(ORDER_FLOOR_RAISED).increment(1);
+                tracing::warn!(
+                    floor = bound.floor(),
+                    mean_inside_us,
+                    "order bound at its floor without shortening the wait; floor raised"
+                );
+            } else if bound.floor() < floor {
+                tracing::info!(
+                    floor = bound.floor(),
+                    "order bound's floor back to its setting"
+                );
+            }
             if bound.opened() > opened {
                 metrics::counter!(ORDER_BOUND_OPENED).increment(1);
                 tracing::warn!(
@@ -194,6 +223,9 @@ impl Tick {
 /// says the next bound (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Bound {
+    /// The floor as set.
+    min_set: f64,
+    /// The floor now: raised in a flood (see [`Bound::next`]).
     min: f64,
     max: f64,
     /// `None`: the bound stays at `max`.
@@ -218,6 +250,7 @@ impl Bound {
     pub fn new(min: u32, max: u32, target: Option<Duration>, open_after: Option<u32>) -> Self {
         assert!(max > 0, "an order bound of 0 would refuse every order");
         Bound {
+            min_set: f64::from(min.clamp(1, max)),
             min: f64::from(min.clamp(1, max)),
             max: f64::from(max),
             target,
@@ -233,6 +266,11 @@ impl Bound {
     /// Times the bound was opened in a flood.
     pub fn opened(&self) -> u64 {
         self.opened
+    }
+
+    /// The floor now: the setting, or up to [`FLOOR_RAISED_MAX`] times it in a flood.
+    pub fn floor(&self) -> u32 {
+        self.min.round() as u32
     }
 
     pub fn current(&self) -> u32 {
@@ -254,6 +292,15 @@ impl Bound {
             let in_vain = self.limit <= self.min
                 && mean.as_secs_f64() >= CUTS_IN_VAIN * cuts_from.as_secs_f64();
             self.vain_ticks = if in_vain { self.vain_ticks + 1 } else { 0 };
+            if self.open_after.is_none() && self.vain_ticks >= RAISE_FLOOR_AFTER {
+                self.min = (self.min * 2.0)
+                    .min(self.min_set * FLOOR_RAISED_MAX)
+                    .min(self.max);
+                self.cuts_from = None;
+                self.vain_ticks = 0;
+                self.limit = self.limit.max(self.min);
+                return self.current();
+            }
             if self
                 .open_after
                 .is_some_and(|after| self.vain_ticks >= after)
@@ -269,6 +316,7 @@ impl Bound {
         } else {
             self.cuts_from = None;
             self.vain_ticks = 0;
+            self.min = self.min_set;
             if tick.refused > 0 {
                 1.1
             } else {
@@ -427,12 +475,58 @@ mod tests {
     }
 
     #[test]
-    fn by_default_the_bound_never_opens() {
+    fn by_default_a_flood_raises_the_floor_and_never_opens_the_bound() {
         let mut bound = Bound::new(32, 1_024, Some(5 * MS), None);
         for _ in 0..100 {
             bound.next(tick(30, 60 * MS, 3_000));
         }
-        assert_eq!((bound.current(), bound.opened()), (32, 0));
+        assert_eq!(
+            (bound.current(), bound.floor(), bound.opened()),
+            (256, 256, 0),
+            "the floor stops at eight times its setting"
+        );
+    }
+
+    #[test]
+    fn cuts_in_vain_double_the_floor_and_a_tick_under_target_resets_it() {
+        let mut bound = Bound::new(32, 1_024, Some(5 * MS), None);
+        for expected in [512, 256, 128, 64, 32] {
+            assert_eq!(bound.next(tick(100, 60 * MS, 500)), expected);
+        }
+        let vain = tick(30, 55 * MS, 3_000);
+        for _ in 1..RAISE_FLOOR_AFTER {
+            assert_eq!(bound.next(vain), 32);
+        }
+        assert_eq!(bound.next(vain), 64, "raised on the fifth tick in vain");
+        assert_eq!(bound.floor(), 64);
+        // A new run of cuts starts from the tick after the raise.
+        for _ in 1..RAISE_FLOOR_AFTER {
+            assert_eq!(bound.next(vain), 64);
+        }
+        assert_eq!(bound.next(vain), 128);
+        assert_eq!(
+            bound.next(tick(300, 2 * MS, 100)),
+            142,
+            "under target: the floor is back at 32 and the bound grows by 10% + 1"
+        );
+        assert_eq!(bound.floor(), 32);
+        assert_eq!(
+            bound.next(tick(100, 60 * MS, 500)),
+            71,
+            "cut below the raised floor again"
+        );
+    }
+
+    #[test]
+    fn cuts_that_shorten_the_wait_leave_the_floor() {
+        let mut bound = Bound::new(32, 1_024, Some(5 * MS), None);
+        for _ in 0..5 {
+            bound.next(tick(100, 60 * MS, 500));
+        }
+        for _ in 0..50 {
+            assert_eq!(bound.next(tick(300, 20 * MS, 2_000)), 32);
+        }
+        assert_eq!(bound.floor(), 32);
     }
 
     #[test]
@@ -459,7 +553,7 @@ mod tests {
     #[test]
     fn the_floor_is_at_least_one_and_at_most_the_ceiling() {
         let mut bound = Bound::new(0, 3, Some(5 * MS), None);
-        for _ in 0..10 {
+        for _ in 0..4 {
             bound.next(tick(5, 100 * MS, 0));
         }
         assert_eq!(bound.current(), 1, "a floor of 0 still lets one order in");

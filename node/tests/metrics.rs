@@ -81,6 +81,7 @@ async fn metrics_pass_promtool_and_cover_rules_and_dashboard() {
         r#"keydrop_orders_total{outcome="reserved"} 2"#,
         r#"keydrop_orders_total{outcome="sold_out"} 1"#,
         "keydrop_order_bound_opened_total 0",
+        "keydrop_order_bound_floor_raised_total 0",
     ] {
         assert!(
             text.lines().any(|line| line == series),
