@@ -224,9 +224,9 @@ impl Tick {
 #[derive(Debug, Clone)]
 pub struct Bound {
     /// The floor as set.
-    min_set: f64,
-    /// The floor now: raised in a flood (see [`Bound::next`]).
-    min: f64,
+    floor_set: f64,
+    /// The floor now: raised in a flood (see the module doc).
+    floor: f64,
     max: f64,
     /// `None`: the bound stays at `max`.
     target: Option<Duration>,
@@ -250,8 +250,8 @@ impl Bound {
     pub fn new(min: u32, max: u32, target: Option<Duration>, open_after: Option<u32>) -> Self {
         assert!(max > 0, "an order bound of 0 would refuse every order");
         Bound {
-            min_set: f64::from(min.clamp(1, max)),
-            min: f64::from(min.clamp(1, max)),
+            floor_set: f64::from(min.clamp(1, max)),
+            floor: f64::from(min.clamp(1, max)),
             max: f64::from(max),
             target,
             limit: f64::from(max),
@@ -270,7 +270,7 @@ impl Bound {
 
     /// The floor now: the setting, or up to [`FLOOR_RAISED_MAX`] times it in a flood.
     pub fn floor(&self) -> u32 {
-        self.min.round() as u32
+        self.floor.round() as u32
     }
 
     pub fn current(&self) -> u32 {
@@ -289,16 +289,16 @@ impl Bound {
         }
         let factor = if mean > target {
             let cuts_from = *self.cuts_from.get_or_insert(mean);
-            let in_vain = self.limit <= self.min
+            let in_vain = self.limit <= self.floor
                 && mean.as_secs_f64() >= CUTS_IN_VAIN * cuts_from.as_secs_f64();
             self.vain_ticks = if in_vain { self.vain_ticks + 1 } else { 0 };
             if self.open_after.is_none() && self.vain_ticks >= RAISE_FLOOR_AFTER {
-                self.min = (self.min * 2.0)
-                    .min(self.min_set * FLOOR_RAISED_MAX)
+                self.floor = (self.floor * 2.0)
+                    .min(self.floor_set * FLOOR_RAISED_MAX)
                     .min(self.max);
                 self.cuts_from = None;
                 self.vain_ticks = 0;
-                self.limit = self.limit.max(self.min);
+                self.limit = self.limit.max(self.floor);
                 return self.current();
             }
             if self
@@ -316,7 +316,7 @@ impl Bound {
         } else {
             self.cuts_from = None;
             self.vain_ticks = 0;
-            self.min = self.min_set;
+            self.floor = self.floor_set;
             if tick.refused > 0 {
                 1.1
             } else {
@@ -329,7 +329,7 @@ impl Bound {
         } else {
             self.limit * factor
         };
-        self.limit = grown.clamp(self.min, self.max);
+        self.limit = grown.clamp(self.floor, self.max);
         self.current()
     }
 }
