@@ -29,12 +29,8 @@ pub fn samples<'a>(text: &'a str, series: &'a str) -> impl Iterator<Item = (&'a 
         } else {
             return None;
         };
-        let value = value.split_whitespace().next()?;
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            number => number.parse().ok()?,
-        };
+        // Rust's float parser reads Prometheus's `+Inf`, `-Inf` and `NaN` as well.
+        let value = value.split_whitespace().next()?.parse().ok()?;
         Some((labels, value))
     })
 }
@@ -52,15 +48,8 @@ fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let series = format!("{name}_bucket");
     let mut found: Vec<(f64, f64)> = Vec::new();
     for (labels, count) in samples(text, &series) {
-        let Some(bound) = label(labels, "le") else {
+        let Some(bound) = label(labels, "le").and_then(|bound| bound.parse::<f64>().ok()) else {
             continue;
-        };
-        let bound = match bound {
-            "+Inf" => f64::INFINITY,
-            number => match number.parse() {
-                Ok(bound) => bound,
-                Err(_) => continue,
-            },
         };
         match found.iter_mut().find(|(known, _)| *known == bound) {
             Some((_, total)) => *total += count,

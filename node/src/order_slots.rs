@@ -249,9 +249,10 @@ impl Bound {
     /// counts as 1).
     pub fn new(min: u32, max: u32, target: Option<Duration>, open_after: Option<u32>) -> Self {
         assert!(max > 0, "an order bound of 0 would refuse every order");
+        let floor = f64::from(min.clamp(1, max));
         Bound {
-            floor_set: f64::from(min.clamp(1, max)),
-            floor: f64::from(min.clamp(1, max)),
+            floor_set: floor,
+            floor,
             max: f64::from(max),
             target,
             limit: f64::from(max),
