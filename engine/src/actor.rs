@@ -19,13 +19,20 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::codec;
 use crate::error::EngineError;
-use crate::ids::SkuId;
+use crate::ids::{OrderId, PaymentRef, SkuId};
 use crate::journal::{Journal, JournalOp, JournalWrite};
-use crate::limits::{EVENTS_BETWEEN_SNAPSHOTS_MIN, JOURNAL_QUEUE_DEPTH_MAX};
-use crate::sku::{Command, Reply, Sku, SkuDef, SkuStatus, SkuView, StockCounts};
+use crate::limits::{
+    EVENTS_BETWEEN_SNAPSHOTS_MIN, EXPIRE_BATCH_ORDERS_MAX, JOURNAL_QUEUE_DEPTH_MAX,
+};
+use crate::sku::{
+    Command, Event, RefusalReason, Reply, Sku, SkuDef, SkuStatus, SkuView, StockCounts,
+};
 
 /// What a SKU actor publishes for readers that must not queue behind buyers: the
-/// HTTP edge serves `GET /v1/skus/{sku}` and sheds sold-out orders from this.
+/// HTTP edge serves `GET /v1/skus/{sku}` and sheds sold-out orders from this. The
+/// stock counts and the definition are published once the change is durable, like
+/// any other answer; only the next expiry (for the ticker, not for readers) is
+/// published as soon as it moves.
 pub(crate) struct SkuShared {
     pub id: SkuId,
     /// `id.route_hash()`, which every new order id carries.
@@ -41,6 +48,14 @@ pub(crate) struct SkuShared {
     pub expiry_queued: AtomicBool,
     /// Commands sent to the actor and not yet taken; bounded by the caller.
     pub mailbox_depth: AtomicUsize,
+    /// The sequence number whose state the counts and definition show.
+    published_seq: AtomicU64,
+}
+
+/// The state a journal record leaves a SKU in, as readers see it.
+struct Published {
+    counts: StockCounts,
+    def: Option<SkuDef>,
 }
 
 impl SkuShared {
@@ -56,21 +71,49 @@ impl SkuShared {
             next_expiry_ms: AtomicU64::new(u64::MAX),
             expiry_queued: AtomicBool::new(false),
             mailbox_depth: AtomicUsize::new(0),
+            published_seq: AtomicU64::new(0),
         };
-        shared.publish(sku, true);
+        shared.publish_next_expiry(sku);
+        shared.store(&Published {
+            counts: sku.counts(),
+            def: None,
+        });
         shared
     }
 
-    fn publish(&self, sku: &Sku, def_changed: bool) {
-        let counts = sku.counts();
+    fn publish_next_expiry(&self, sku: &Sku) {
+        let next = sku.next_expiry().map_or(u64::MAX, |at| at.as_millis());
+        self.next_expiry_ms.store(next, Ordering::Relaxed);
+    }
+
+    /// Publishes the state left by record `seq`, now durable. Completions come in
+    /// journal order, one at a time; the check keeps a reload's state from being
+    /// overwritten by an older record's.
+    fn publish_durable(&self, seq: u64, published: &Published) {
+        if seq > self.published_seq.load(Ordering::Relaxed) {
+            self.published_seq.store(seq, Ordering::Relaxed);
+            self.store(published);
+        }
+    }
+
+    /// Publishes a state reloaded from disk at `seq`.
+    fn publish_reloaded(&self, seq: u64, sku: &Sku) {
+        self.published_seq.store(seq, Ordering::Relaxed);
+        self.publish_next_expiry(sku);
+        self.store(&Published {
+            counts: sku.counts(),
+            def: Some(sku.def().clone()),
+        });
+    }
+
+    fn store(&self, published: &Published) {
+        let counts = &published.counts;
         self.available.store(counts.available, Ordering::Relaxed);
         self.reserved.store(counts.reserved, Ordering::Relaxed);
         self.sold.store(counts.sold, Ordering::Relaxed);
         self.imported.store(counts.imported, Ordering::Relaxed);
-        let next = sku.next_expiry().map_or(u64::MAX, |at| at.as_millis());
-        self.next_expiry_ms.store(next, Ordering::Relaxed);
-        if def_changed {
-            self.def.store(Arc::new(sku.def().clone()));
+        if let Some(def) = &published.def {
+            self.def.store(Arc::new(def.clone()));
         }
     }
 
@@ -189,14 +232,25 @@ impl Actor for SkuActor {
                 state.run_command(command, Some(reply), is_define);
             }
             SkuMsg::Read(read) => {
+                state.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
                 let deliver = read(&state.sku, state.seq);
-                state.after_durable(deliver);
+                if state.poisoned {
+                    // Memory may hold changes the disk refused (the reload after a
+                    // failed write failed too): answer nothing from it, a card least.
+                    deliver(Err(EngineError::SkuUnavailable));
+                } else {
+                    state.after_durable(deliver);
+                }
             }
             SkuMsg::ExpireDue => {
                 state.shared.expiry_queued.store(false, Ordering::Relaxed);
-                state.run_command(Command::ExpireDue, None, false);
+                let expired = state.run_command(Command::ExpireDue, None, false);
                 let now = state.clock.now();
-                if state.sku.next_expiry().is_some_and(|due| due <= now)
+                // Only after a full batch: a pass that expired fewer was refused
+                // (journal full, actor poisoned) or took all that was due, and going on
+                // would spin; the ticker comes back.
+                if expired >= EXPIRE_BATCH_ORDERS_MAX
+                    && state.sku.next_expiry().is_some_and(|due| due <= now)
                     && !state.shared.expiry_queued.swap(true, Ordering::Relaxed)
                 {
                     // More were due than one batch takes; go on without waiting a tick.
@@ -221,13 +275,58 @@ impl Actor for SkuActor {
     }
 }
 
+/// A payment refused on an expired or cancelled order and recorded on it: money the
+/// operator has to refund (`keydrop order late`).
+struct LatePayment {
+    order_id: OrderId,
+    payment_ref: PaymentRef,
+    amount_cents: u64,
+}
+
+impl LatePayment {
+    fn recorded_by(event: &Event) -> Option<LatePayment> {
+        match event {
+            Event::PaymentRefused {
+                order_id,
+                payment_ref,
+                amount_cents,
+                reason: RefusalReason::Expired | RefusalReason::Cancelled,
+                ..
+            } => Some(LatePayment {
+                order_id: *order_id,
+                payment_ref: payment_ref.clone(),
+                amount_cents: *amount_cents,
+            }),
+            _ => None,
+        }
+    }
+
+    fn log_recorded(&self, sku: &SkuId) {
+        metrics::counter!("keydrop_late_payments_total").increment(1);
+        tracing::warn!(
+            sku = %sku,
+            order = %self.order_id,
+            payment_ref = %self.payment_ref,
+            amount_cents = self.amount_cents,
+            "late payment refused and recorded for refund"
+        );
+    }
+}
+
 impl SkuActorState {
-    fn run_command(&mut self, command: Command, reply: Option<CommandReply>, is_define: bool) {
+    /// Applies `command` and journals its events; returns how many reservations it
+    /// expired.
+    fn run_command(
+        &mut self,
+        command: Command,
+        reply: Option<CommandReply>,
+        is_define: bool,
+    ) -> usize {
         if self.poisoned {
             if let Some(reply) = reply {
                 let _ = reply.send(Err(EngineError::SkuUnavailable));
             }
-            return;
+            return 0;
         }
         // Refuse before touching state: once applied, a command must reach the disk.
         if self.journal.queue_depth() >= JOURNAL_QUEUE_DEPTH_MAX {
@@ -235,12 +334,22 @@ impl SkuActorState {
             if let Some(reply) = reply {
                 let _ = reply.send(Err(EngineError::Overloaded));
             }
-            return;
+            return 0;
         }
+        // A payment refused for what an earlier callback left on the order (its
+        // reference seen before) reflects that callback's record: it leaves once the
+        // record is durable, or the provider could hold a final answer whose refund
+        // record a crash then loses.
+        let refusal_reflects_state = matches!(command, Command::ConfirmPayment { .. });
         let decision = self.sku.handle(command, self.clock.now());
-        self.shared.publish(&self.sku, is_define);
+        self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {
             match (decision.reply, reply) {
+                (Err(refusal), Some(reply)) if refusal_reflects_state => {
+                    self.after_durable(Box::new(move |durable| {
+                        let _ = reply.send(durable.and(Err(EngineError::Sku(refusal))));
+                    }));
+                }
                 (Err(refusal), Some(reply)) => {
                     let _ = reply.send(Err(EngineError::Sku(refusal)));
                 }
@@ -249,20 +358,38 @@ impl SkuActorState {
                 })),
                 (_, None) => {}
             }
-            return;
+            return 0;
         }
-        if let Some(expired) = decision.events.iter().find_map(|event| match event {
-            crate::sku::Event::Expired { order_ids, .. } => Some(order_ids.len()),
-            _ => None,
-        }) {
+        let expired = decision
+            .events
+            .iter()
+            .find_map(|event| match event {
+                crate::sku::Event::Expired { order_ids, .. } => Some(order_ids.len()),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if expired > 0 {
             metrics::counter!("keydrop_reservations_expired_total").increment(expired as u64);
         }
+        // Counted once durable, and once per recorded refusal: a provider retrying
+        // the same late callback gets the refusal again but records nothing new.
+        let late_payments: Vec<LatePayment> = decision
+            .events
+            .iter()
+            .filter_map(LatePayment::recorded_by)
+            .collect();
         self.seq += 1;
         self.records_since_snapshot += 1;
         let seq = self.seq;
         let durable_seq = Arc::clone(&self.durable_seq);
         let record = codec::encode_events(&decision.events);
         let answer = decision.reply;
+        let sku = self.sku.id().clone();
+        let shared = Arc::clone(&self.shared);
+        let published = Published {
+            counts: self.sku.counts(),
+            def: is_define.then(|| self.sku.def().clone()),
+        };
         self.journal.submit(JournalWrite {
             sku: self.sku.id().clone(),
             epoch: Some(self.epoch),
@@ -271,6 +398,10 @@ impl SkuActorState {
                 let outcome = match written {
                     Ok(()) => {
                         durable_seq.fetch_max(seq, Ordering::Release);
+                        shared.publish_durable(seq, &published);
+                        for late in &late_payments {
+                            late.log_recorded(&sku);
+                        }
                         answer.map_err(EngineError::Sku)
                     }
                     Err(error) => Err(EngineError::from_journal(error)),
@@ -281,6 +412,7 @@ impl SkuActorState {
             }),
         });
         self.maybe_snapshot();
+        expired
     }
 
     /// Delivers now if everything applied is durable, else after a journal barrier.
@@ -341,7 +473,7 @@ impl SkuActorState {
                 self.seq = recovered.seq;
                 self.durable_seq.store(recovered.seq, Ordering::Release);
                 self.records_since_snapshot = recovered.records_replayed;
-                self.shared.publish(&self.sku, true);
+                self.shared.publish_reloaded(recovered.seq, &self.sku);
             }
             Ok(None) | Err(_) => {
                 tracing::error!(sku = %id, "cannot reload SKU from disk; refusing its commands until restart");

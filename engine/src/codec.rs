@@ -180,6 +180,18 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_secret_too_short_for_its_header_is_refused() {
+        use crate::vault::SealedSecret;
+        for len in [0, 1, 5, 16] {
+            let short = encode(&vec![1u8; len]);
+            assert!(decode::<SealedSecret>(&short).is_err(), "{len} bytes");
+        }
+        let mut wrong_version = vec![0u8; 64];
+        wrong_version[0] = 0xee;
+        assert!(decode::<SealedSecret>(&encode(&wrong_version)).is_err());
+    }
+
+    #[test]
     fn journal_keys_round_trip_and_group_by_sku() {
         let a = SkuId::parse("a").unwrap();
         let ab = SkuId::parse("ab").unwrap();

@@ -20,7 +20,9 @@ use crate::ids::{
     CardSerial, DeviceId, IdempotencyKey, OrderId, PaymentRef, RequestFingerprint, SkuId, UserId,
 };
 use crate::journal::{Journal, JournalOp, JournalOptions, RecoveredSku, RecoveryReport};
-use crate::limits::{ACTOR_MAILBOX_DEPTH_MAX, IMPORT_BATCH_CARDS_MAX};
+use crate::limits::{
+    ACTOR_MAILBOX_DEPTH_MAX, BUNDLE_SEQ_MAX, IMPORT_BATCH_CARDS_MAX, JOURNAL_QUEUE_DEPTH_MAX,
+};
 use crate::sku::{
     Command, ImportOutcome, NewCard, OrderView, Reply, ReserveRequest, Sku, SkuDef, SkuError,
     SkuView,
@@ -215,13 +217,14 @@ impl Engine {
     }
 
     async fn command(&self, handle: &SkuHandle, command: Command) -> Result<Reply, EngineError> {
-        // The mailbox bound is kept by the callers: past it, refuse at once rather
-        // than queue a buyer behind work that cannot finish in time.
-        if handle.shared.mailbox_depth.fetch_add(1, Ordering::Relaxed) >= ACTOR_MAILBOX_DEPTH_MAX {
-            handle.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
-            metrics::counter!("keydrop_engine_overloaded_total", "queue" => "mailbox").increment(1);
+        // A full journal queue is refused here too, not only once the actor reaches
+        // the command behind everything in its mailbox. (The actor checks again
+        // before touching state: the queue may have filled meanwhile.)
+        if self.inner.journal.queue_depth() >= JOURNAL_QUEUE_DEPTH_MAX {
+            metrics::counter!("keydrop_engine_overloaded_total", "queue" => "journal").increment(1);
             return Err(EngineError::Overloaded);
         }
+        self.enter_mailbox(handle)?;
         let (reply, answer) = oneshot::channel();
         if handle
             .actor
@@ -232,6 +235,18 @@ impl Engine {
             return Err(EngineError::SkuUnavailable);
         }
         answer.await.unwrap_or(Err(EngineError::SkuUnavailable))
+    }
+
+    /// Counts a message into the SKU's mailbox, or refuses it when the mailbox is
+    /// full: past the bound, refusing at once beats queueing a buyer behind work that
+    /// cannot finish in time. The actor counts each message out as it takes it.
+    fn enter_mailbox(&self, handle: &SkuHandle) -> Result<(), EngineError> {
+        if handle.shared.mailbox_depth.fetch_add(1, Ordering::Relaxed) >= ACTOR_MAILBOX_DEPTH_MAX {
+            handle.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!("keydrop_engine_overloaded_total", "queue" => "mailbox").increment(1);
+            return Err(EngineError::Overloaded);
+        }
+        Ok(())
     }
 
     /// Runs `read` on the SKU's state and returns its answer once every event the
@@ -248,10 +263,12 @@ impl Engine {
                 let _ = tx.send(durable.map(|()| value));
             })
         });
-        handle
-            .actor
-            .send_message(SkuMsg::Read(boxed))
-            .map_err(|_| EngineError::SkuUnavailable)?;
+        // Order lookups are buyers' polls too: they count against the same bound.
+        self.enter_mailbox(handle)?;
+        if handle.actor.send_message(SkuMsg::Read(boxed)).is_err() {
+            handle.shared.mailbox_depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::SkuUnavailable);
+        }
         rx.await.unwrap_or(Err(EngineError::SkuUnavailable))
     }
 
@@ -487,6 +504,11 @@ impl Engine {
     pub async fn import_sku(&self, bundle: &[u8]) -> Result<SkuView, EngineError> {
         let (seq, snapshot) = codec::decode_snapshot(bundle)
             .map_err(|e| EngineError::InvalidBundle(e.to_string()))?;
+        if seq > BUNDLE_SEQ_MAX {
+            return Err(EngineError::InvalidBundle(format!(
+                "sequence number {seq} is past {BUNDLE_SEQ_MAX}"
+            )));
+        }
         let sku = Sku::from_snapshot(snapshot).map_err(EngineError::InvalidBundle)?;
         let id = sku.id().clone();
         let _creating = self.inner.create_lock.lock().await;

@@ -45,7 +45,7 @@ use thiserror::Error;
 
 use crate::codec::{self, CodecError};
 use crate::ids::SkuId;
-use crate::limits::JOURNAL_BATCH_REQUESTS_MAX;
+use crate::limits::{JOURNAL_BATCH_REQUESTS_MAX, SNAPSHOT_RECORD_BYTES_MAX};
 use crate::sku::Sku;
 
 const CF_JOURNAL: &str = "journal";
@@ -87,15 +87,45 @@ impl std::fmt::Display for CorruptRecord {
 }
 
 /// Makes upcoming batch writes fail, to test that a failed write loses nothing
-/// acknowledged and leaves memory equal to disk.
+/// acknowledged and leaves memory equal to disk; or holds them, as a stalled disk
+/// would, to test what fills up meanwhile.
 #[derive(Debug, Clone, Default)]
 pub struct FaultInjector {
     failing_writes: Arc<AtomicU64>,
+    failing_loads: Arc<AtomicU64>,
+    holding_writes: Arc<AtomicBool>,
 }
 
 impl FaultInjector {
     pub fn fail_next_writes(&self, count: u64) {
         self.failing_writes.store(count, Ordering::SeqCst);
+    }
+
+    /// Makes the next reloads of a SKU from disk (after a failed write) fail, as a
+    /// disk failing reads as well would.
+    pub fn fail_next_loads(&self, count: u64) {
+        self.failing_loads.store(count, Ordering::SeqCst);
+    }
+
+    fn take_load(&self) -> bool {
+        self.failing_loads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// The writer takes no batch to disk until [`FaultInjector::release_writes`].
+    pub fn hold_writes(&self) {
+        self.holding_writes.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release_writes(&self) {
+        self.holding_writes.store(false, Ordering::SeqCst);
+    }
+
+    fn wait_while_held(&self) {
+        while self.holding_writes.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn take(&self) -> bool {
@@ -224,6 +254,7 @@ pub struct Journal {
     counters: Arc<JournalCounters>,
     closed: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
+    fault: FaultInjector,
 }
 
 impl Journal {
@@ -285,6 +316,7 @@ impl Journal {
         let queued = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(JournalCounters::default());
         let answers = Answers::start(answer_on, Arc::clone(&counters));
+        let fault = options.fault_injector.clone().unwrap_or_default();
         let writer = {
             let db = Arc::clone(&db);
             let queued = Arc::clone(&queued);
@@ -305,6 +337,7 @@ impl Journal {
             counters,
             closed: AtomicBool::new(false),
             writer: Mutex::new(Some(writer)),
+            fault,
         })
     }
 
@@ -464,6 +497,9 @@ impl Journal {
 
     /// Rebuilds one SKU from disk, as [`Journal::recover`] does for all of them.
     pub fn load_sku(&self, id: &SkuId) -> Result<Option<RecoveredSku>, JournalError> {
+        if self.fault.take_load() {
+            return Err(JournalError::Read("injected read failure".to_string()));
+        }
         let db = self.db()?;
         let snapshot = db
             .get_cf(cf(&db, CF_SNAPSHOTS), codec::snapshot_key(id))
@@ -805,6 +841,7 @@ fn run_writer(
         let mut batch = WriteBatch::default();
         let mut accepted: Vec<JournalWrite> = Vec::with_capacity(taken);
         let mut refused: Vec<JournalWrite> = Vec::new();
+        let mut too_large: Vec<JournalWrite> = Vec::new();
         for write in pending.drain(..) {
             if let (Some(&fenced_epoch), Some(epoch)) = (fenced.get(&write.sku), write.epoch) {
                 if epoch <= fenced_epoch {
@@ -816,6 +853,15 @@ fn run_writer(
             match &write.op {
                 JournalOp::Append { seq, record } => {
                     batch.put_cf(journal_cf, codec::journal_key(&write.sku, *seq), record);
+                }
+                JournalOp::Snapshot { record, .. } if record.len() > SNAPSHOT_RECORD_BYTES_MAX => {
+                    tracing::error!(
+                        sku = %write.sku,
+                        bytes = record.len(),
+                        "snapshot too large for one RocksDB value; not written, the journal records it would cover are kept"
+                    );
+                    too_large.push(write);
+                    continue;
                 }
                 JournalOp::Snapshot { seq, record } => {
                     batch.put_cf(snapshots_cf, codec::snapshot_key(&write.sku), record);
@@ -830,6 +876,13 @@ fn run_writer(
             accepted.push(write);
         }
         answers.send(refused, Some(JournalError::Fenced));
+        answers.send(
+            too_large,
+            Some(JournalError::Write(format!(
+                "snapshot over {SNAPSHOT_RECORD_BYTES_MAX} bytes"
+            ))),
+        );
+        fault.wait_while_held();
         let started = Instant::now();
         let result = if fault.take() {
             Err("injected write failure".to_string())

@@ -25,8 +25,8 @@ pub const IMPORT_BATCH_CARDS_MAX: usize = 10_000;
 /// actor turn stays short.
 pub const EXPIRE_BATCH_ORDERS_MAX: usize = 4096;
 
-/// Refused payments kept on one order; past this a payment is still refused, and
-/// the refusal is logged, but the order stops growing.
+/// Refused payments kept on one order; past this a payment is still refused (and
+/// the node logs a late one), but the order stops growing.
 pub const REFUSED_PAYMENTS_PER_ORDER_MAX: usize = 64;
 
 /// Reservation lifetimes: long enough to pay, short enough to not starve a drop.
@@ -47,3 +47,12 @@ pub const ACTOR_MAILBOX_DEPTH_MAX: usize = 16_384;
 
 /// Journal records of one SKU after its last snapshot before a new one is taken.
 pub const EVENTS_BETWEEN_SNAPSHOTS_MIN: u64 = 20_000;
+
+/// A snapshot record, one RocksDB value: RocksDB refuses values of 4 GiB and over,
+/// and its C API drops that error, so the writer refuses a larger snapshot itself
+/// (the SKU keeps its journal records instead).
+pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 3 << 30;
+
+/// Sequence numbers a SKU bundle may carry: far enough below `u64::MAX` that the
+/// SKU's later records can never wrap past it.
+pub const BUNDLE_SEQ_MAX: u64 = 1 << 62;

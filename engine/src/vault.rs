@@ -89,8 +89,19 @@ impl fmt::Debug for CardSecret {
 }
 
 /// A sealed card secret as stored in the journal: opaque without the key ring.
+/// Decoded through [`SealedSecret::from_bytes`] like any other, so a record or a
+/// SKU bundle cannot bring in one too short to name its key and nonce.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<u8>")]
 pub struct SealedSecret(Vec<u8>);
+
+impl TryFrom<Vec<u8>> for SealedSecret {
+    type Error = VaultError;
+
+    fn try_from(bytes: Vec<u8>) -> Result<Self, VaultError> {
+        SealedSecret::from_bytes(bytes)
+    }
+}
 
 impl SealedSecret {
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, VaultError> {

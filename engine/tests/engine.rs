@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use keydrop_engine::limits::{ACTOR_MAILBOX_DEPTH_MAX, JOURNAL_QUEUE_DEPTH_MAX};
 use keydrop_engine::{
     EngineError, IdempotencyKey, OrderStatus, PaymentRef, RequestFingerprint, Reservation,
     SkuError, UserId,
@@ -242,6 +243,67 @@ async fn failed_write_is_not_acknowledged_and_memory_matches_disk() {
     o.engine.shutdown().await;
 }
 
+/// A payment whose write failed, on a SKU that then cannot be reloaded either,
+/// lives only in memory: its card is not revealed, and the payment is not there
+/// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_that_cannot_reload_answers_nothing_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let id = sku("unreadable");
+    let order_id;
+    {
+        let o = open(dir.path(), &clock, &[KEY_A]).await;
+        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
+        o.engine.import_cards(&id, cards("U", 0..3)).await.unwrap();
+        order_id = o
+            .engine
+            .reserve(&id, buyer("payer"))
+            .await
+            .unwrap()
+            .order_id;
+        o.fault.fail_next_writes(1);
+        o.fault.fail_next_loads(1);
+        let failed = o
+            .engine
+            .confirm_payment(&order_id, PaymentRef::parse("pay-x").unwrap(), 5_000)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(failed, EngineError::JournalUnavailable(_)),
+            "{failed:?}"
+        );
+        // The reload fails and the actor refuses everything from then on; the
+        // lookup must not reveal the card of the payment that never reached disk.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            // Refused (fenced) while the actor reloads; then its final answer.
+            let answer = o.engine.order(&order_id).await;
+            if !matches!(answer, Err(EngineError::JournalUnavailable(_)))
+                || tokio::time::Instant::now() > deadline
+            {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(
+            matches!(answer, Err(EngineError::SkuUnavailable)),
+            "{:?}",
+            answer.map(|details| details.view.status)
+        );
+        assert!(matches!(
+            o.engine.reserve(&id, buyer("other")).await,
+            Err(EngineError::SkuUnavailable)
+        ));
+        o.engine.shutdown().await;
+    }
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    let details = o.engine.order(&order_id).await.unwrap();
+    assert_eq!(details.view.status, OrderStatus::Reserved);
+    assert!(details.card.is_none());
+    o.engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_rotation_reseals_every_card() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,6 +372,16 @@ async fn a_sku_moves_between_engines_with_its_orders() {
         b.engine.import_sku(&truncated).await,
         Err(EngineError::InvalidBundle(_))
     ));
+    // A sequence number the SKU's next records would wrap past is refused too.
+    let (_, snapshot) = keydrop_engine::codec::decode_snapshot(&bundle).unwrap();
+    let state = keydrop_engine::sku::Sku::from_snapshot(snapshot).unwrap();
+    for seq in [u64::MAX, keydrop_engine::limits::BUNDLE_SEQ_MAX + 1] {
+        let wrapping = keydrop_engine::codec::encode_snapshot(seq, state.snapshot_ref());
+        assert!(matches!(
+            b.engine.import_sku(&wrapping).await,
+            Err(EngineError::InvalidBundle(_))
+        ));
+    }
     let (_, secret) = b.engine.order(&order_id).await.unwrap().card.unwrap();
     assert_eq!(secret.expose(), "SECRET-M-000000-XYZZY");
     b.engine.shutdown().await;
@@ -435,4 +507,235 @@ async fn unknown_things_get_typed_errors() {
         o.engine.reserve(&missing, buyer("u")).await,
         Err(EngineError::ShuttingDown)
     ));
+}
+
+/// Polls `future` once; `None` while it waits.
+async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+/// Past its mailbox bound a SKU refuses at once, reservations and order lookups
+/// alike, and every request that got in is answered.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_mailbox_refuses_at_once_and_loses_nothing_that_got_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    let id = sku("crowded");
+    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
+    o.engine
+        .import_cards(&id, cards("M", 0..100))
+        .await
+        .unwrap();
+    let first = o.engine.reserve(&id, buyer("first")).await.unwrap();
+
+    // On one thread the actor takes nothing from its mailbox until this task waits:
+    // each reservation below is in the mailbox after its first poll.
+    let extra = 50;
+    let mut inside = Vec::new();
+    let mut refused = 0;
+    for i in 0..ACTOR_MAILBOX_DEPTH_MAX + extra {
+        let mut reservation = Box::pin(o.engine.reserve(&id, buyer(&format!("u{i}"))));
+        match poll_once(&mut reservation).await {
+            None => inside.push(reservation),
+            Some(Err(EngineError::Overloaded)) => refused += 1,
+            Some(other) => panic!("reservation {i} answered before the actor ran: {other:?}"),
+        }
+    }
+    assert_eq!(inside.len(), ACTOR_MAILBOX_DEPTH_MAX);
+    assert_eq!(refused, extra);
+    let mut lookup = Box::pin(o.engine.order(&first.order_id));
+    assert!(
+        matches!(
+            poll_once(&mut lookup).await,
+            Some(Err(EngineError::Overloaded))
+        ),
+        "an order lookup waits in the same mailbox"
+    );
+
+    let mut reserved = 0;
+    let mut sold_out = 0;
+    for reservation in inside {
+        match reservation.await {
+            Ok(_) => reserved += 1,
+            Err(EngineError::Sku(SkuError::SoldOut)) => sold_out += 1,
+            Err(other) => panic!("a reservation inside the bound failed: {other:?}"),
+        }
+    }
+    assert_eq!((reserved, sold_out), (99, ACTOR_MAILBOX_DEPTH_MAX - 99));
+    let view = o.engine.sku(&id).unwrap();
+    assert_eq!((view.counts.available, view.counts.reserved), (0, 100));
+    // Drained: the mailbox takes requests again.
+    assert!(o.engine.order(&first.order_id).await.is_ok());
+    assert!(matches!(
+        o.engine.reserve(&id, buyer("late")).await,
+        Err(EngineError::Sku(SkuError::SoldOut))
+    ));
+    o.engine.shutdown().await;
+}
+
+/// With the disk stalled, reservations pile up in the journal's queue; past its
+/// bound a new one is refused at once instead of queueing behind the SKU's mailbox,
+/// and every reservation that got in is answered once the disk is back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_journal_queue_refuses_at_once_and_loses_nothing_that_got_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    // More than the journal takes across five mailboxes, each within its own bound.
+    let (skus, per_sku) = (5, 14_000);
+    assert!(skus * per_sku > JOURNAL_QUEUE_DEPTH_MAX && per_sku < ACTOR_MAILBOX_DEPTH_MAX);
+    let ids: Vec<_> = (0..skus).map(|n| sku(&format!("stalled-{n}"))).collect();
+    for (n, id) in ids.iter().enumerate() {
+        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
+        let prefix = format!("J{n}");
+        o.engine
+            .import_cards(id, cards(&prefix, 0..per_sku as u32))
+            .await
+            .unwrap();
+    }
+
+    o.fault.hold_writes();
+    // Released however the test ends, so a failure is reported rather than hung.
+    struct Release(keydrop_engine::journal::FaultInjector);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release_writes();
+        }
+    }
+    let release = Release(o.fault.clone());
+    let mut inside = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        for i in 0..per_sku {
+            let mut reservation = Box::pin(o.engine.reserve(id, buyer(&format!("b{n}-{i}"))));
+            assert!(poll_once(&mut reservation).await.is_none());
+            inside.push(reservation);
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || o.engine.journal_queue_depth()
+            >= JOURNAL_QUEUE_DEPTH_MAX)
+        .await,
+        "the journal queue filled: {}",
+        o.engine.journal_queue_depth()
+    );
+    let mut late = Box::pin(o.engine.reserve(&ids[0], buyer("late")));
+    assert!(
+        matches!(
+            poll_once(&mut late).await,
+            Some(Err(EngineError::Overloaded))
+        ),
+        "refused on the spot, not queued behind the SKU's mailbox"
+    );
+
+    drop(release);
+    let (mut reserved, mut overloaded) = (0, 0);
+    for reservation in inside {
+        match reservation.await {
+            Ok(_) => reserved += 1,
+            Err(EngineError::Overloaded) => overloaded += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(reserved + overloaded, skus * per_sku);
+    assert!(
+        overloaded > 0 && reserved <= JOURNAL_QUEUE_DEPTH_MAX,
+        "{reserved} reserved"
+    );
+    let held: u64 = ids
+        .iter()
+        .map(|id| o.engine.sku(id).unwrap().counts.reserved)
+        .sum();
+    assert_eq!(
+        held, reserved as u64,
+        "every reservation answered is held, and only those"
+    );
+    o.engine.shutdown().await;
+}
+
+/// A provider's retry of a refused callback, arriving while the first refusal's
+/// record is still on its way to disk, is answered only once that record is
+/// durable: the refund a final answer stands for cannot be lost to a crash.
+#[tokio::test(flavor = "current_thread")]
+async fn a_repeated_refused_payment_is_answered_once_its_record_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    let id = sku("retried");
+    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
+    o.engine.import_cards(&id, cards("P", 0..2)).await.unwrap();
+    let order_id = o.engine.reserve(&id, buyer("gone")).await.unwrap().order_id;
+    o.engine.cancel(&order_id).await.unwrap();
+
+    o.fault.hold_writes();
+    let pay = || {
+        o.engine
+            .confirm_payment(&order_id, PaymentRef::parse("late").unwrap(), 5_000)
+    };
+    let mut first = Box::pin(pay());
+    let mut retry = Box::pin(pay());
+    assert!(poll_once(&mut first).await.is_none());
+    assert!(poll_once(&mut retry).await.is_none());
+    // Let the actor take both while the disk holds the first one's record.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let early = poll_once(&mut retry).await;
+    o.fault.release_writes();
+    assert!(
+        early.is_none(),
+        "answered before the refusal was durable: {early:?}"
+    );
+    for answer in [first.await, retry.await] {
+        assert!(
+            matches!(answer, Err(EngineError::Sku(SkuError::ReservationExpired))),
+            "{answer:?}"
+        );
+    }
+    let listed = o.engine.refused_payments(None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].refused_payments.len(),
+        1,
+        "the retry records nothing new"
+    );
+    o.engine.shutdown().await;
+}
+
+/// The published view (what `GET /v1/skus/{sku}` and sold-out shedding read) shows
+/// a change only once it is durable, like every other answer.
+#[tokio::test(flavor = "current_thread")]
+async fn the_published_view_shows_only_durable_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    let id = sku("shown");
+    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
+    o.engine.import_cards(&id, cards("V", 0..2)).await.unwrap();
+
+    o.fault.hold_writes();
+    let mut reservation = Box::pin(o.engine.reserve(&id, buyer("early")));
+    assert!(poll_once(&mut reservation).await.is_none());
+    let mut renamed = def(60);
+    renamed.name = "renamed".into();
+    let mut rename = Box::pin(o.engine.define_sku(id.clone(), renamed));
+    assert!(poll_once(&mut rename).await.is_none());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = o.engine.sku(&id).unwrap();
+    let available_hint = o.engine.available_hint(&id);
+    o.fault.release_writes();
+    assert_eq!((before.counts.available, before.counts.reserved), (2, 0));
+    assert_eq!(available_hint, Some(2));
+    assert_eq!(before.def.name, "Steam wallet 50");
+
+    reservation.await.unwrap();
+    rename.await.unwrap();
+    let after = o.engine.sku(&id).unwrap();
+    assert_eq!((after.counts.available, after.counts.reserved), (1, 1));
+    assert_eq!(after.def.name, "renamed");
+    o.engine.shutdown().await;
 }
