@@ -24,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use keydrop_engine::{DeviceId, UserId};
@@ -36,7 +36,8 @@ use crate::order_slots::{Bound, OrderSlot, OrderSlots};
 /// How often idle buckets are dropped.
 pub const EVICT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Longest `X-Forwarded-For` chain we walk; longer ones are treated as absent.
+/// `X-Forwarded-For` hops read, from the right; past them a request counts against
+/// the last trusted proxy seen.
 const FORWARDED_HOPS_MAX: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,25 +219,27 @@ impl Admission {
         if !self.trusted_proxies.contains(&peer) {
             return peer;
         }
-        let mut hops: Vec<IpAddr> = Vec::new();
-        for value in headers.get_all("x-forwarded-for") {
-            let Ok(value) = value.to_str() else {
-                return peer;
-            };
-            for hop in value.split(',') {
-                let Ok(ip) = hop.trim().parse::<IpAddr>() else {
-                    return peer;
-                };
-                hops.push(ip.to_canonical());
-                if hops.len() > FORWARDED_HOPS_MAX {
-                    return peer;
-                }
-            }
-        }
-        hops.into_iter()
+        // From the right: each hop was written by the proxy to its right, so the walk
+        // stops at the first one no trusted proxy stands behind, and whatever the
+        // client wrote further left is never read.
+        let lines: Vec<&HeaderValue> = headers.get_all("x-forwarded-for").iter().collect();
+        let hops = lines
+            .iter()
             .rev()
-            .find(|ip| !self.trusted_proxies.contains(ip))
-            .unwrap_or(peer)
+            .flat_map(|line| line.as_bytes().rsplit(|&b| b == b','))
+            .take(FORWARDED_HOPS_MAX);
+        let mut nearest = peer;
+        for hop in hops {
+            let Some(ip) = forwarded_hop(hop) else {
+                // Not an address a proxy would write: account to the last proxy seen.
+                return nearest;
+            };
+            if !self.trusted_proxies.contains(&ip) {
+                return ip;
+            }
+            nearest = ip;
+        }
+        nearest
     }
 
     /// Drops buckets that have refilled, and the memory they held.
@@ -269,6 +272,16 @@ impl Admission {
             ),
         ]
     }
+}
+
+/// One `X-Forwarded-For` hop: an address, with a port as some load balancers add.
+fn forwarded_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop.trim_ascii()).ok()?;
+    let ip = hop
+        .parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|addr| addr.ip()))
+        .ok()?;
+    Some(ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -492,5 +505,49 @@ mod tests {
         headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
         assert_eq!(a.client_ip(from_proxy, &headers), proxy);
         assert_eq!(a.client_ip(from_proxy, &HeaderMap::new()), proxy);
+        // Whatever the client wrote left of the proxies' hops is never read: junk
+        // there does not move it onto the proxy's bucket.
+        headers.insert(
+            "x-forwarded-for",
+            "junk, [::1, 1.2.3.4, 10.0.0.2".parse().unwrap(),
+        );
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // Ports, as some load balancers write them, and the hops of several lines.
+        headers.insert("x-forwarded-for", "1.2.3.4:5678".parse().unwrap());
+        headers.append("x-forwarded-for", "[2001:db8::7]:443".parse().unwrap());
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        headers.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        // Only trusted proxies: the farthest of them is the client as far as we know.
+        headers.insert("x-forwarded-for", "10.0.0.2".parse().unwrap());
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+        // An unreadable hop behind a trusted one: the last proxy seen.
+        headers.insert("x-forwarded-for", "junk, 10.0.0.2".parse().unwrap());
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+        // A chain longer than we walk ends at the last proxy seen, too.
+        let long = vec!["10.0.0.2"; FORWARDED_HOPS_MAX + 1].join(", ");
+        headers.insert(
+            "x-forwarded-for",
+            format!("1.2.3.4, {long}").parse().unwrap(),
+        );
+        assert_eq!(
+            a.client_ip(from_proxy, &headers),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
     }
 }

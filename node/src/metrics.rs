@@ -218,7 +218,7 @@ fn describe() {
     );
     describe_counter!(
         LATE_PAYMENTS,
-        "Payment callbacks refused because the reservation had expired or was cancelled; each is money to refund."
+        "Late payments recorded for refund: callbacks refused because the reservation had expired or was cancelled, once per payment_ref (a provider's retries are not counted again)."
     );
     describe_counter!(CARDS_IMPORTED, "Cards imported through the admin API.");
     describe_gauge!(

@@ -4,6 +4,8 @@
 //! Each comes from its setting (env or config file) when present. On the dev default
 //! (absent), it is generated once into `<data_dir>/secrets/` (directory 0700, files
 //! 0600) with a WARN line naming the file, and read back from there on later starts.
+//! A file appears whole or not at all, and one too short to be a secret (say, emptied
+//! by hand) stops the node rather than becoming a key anyone can sign with.
 //! That folder is beside the RocksDB folder, never inside it: a copy of the database
 //! must not carry the key that opens it.
 
@@ -101,18 +103,32 @@ fn dev_secret(dir: &Path, name: &str, generate: impl FnOnce() -> String) -> Resu
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(name);
-    match read_secret_file(&path)? {
-        Some(value) => Ok(value),
+    let value = match read_secret_file(&path)? {
+        Some(value) => value,
         None => {
             let value = generate();
-            write_new_secret_file(&path, &value)?;
-            tracing::warn!(
-                file = %path.display(),
-                "generated a development {name}; set it through the environment in production"
-            );
-            Ok(value)
+            if write_new_secret_file(dir, &path, &value)? {
+                tracing::warn!(
+                    file = %path.display(),
+                    "generated a development {name}; set it through the environment in production"
+                );
+                value
+            } else {
+                // Another node on the same data dir wrote it first: use theirs.
+                read_secret_file(&path)?
+                    .with_context(|| format!("{} vanished while being read", path.display()))?
+            }
         }
+    };
+    // An empty payment secret would be an HMAC key anyone can sign with.
+    if value.len() < SECRET_BYTES_MIN {
+        bail!(
+            "{} holds {} bytes, fewer than the {SECRET_BYTES_MIN} a secret needs; delete it to have a new one generated, or set the secret through the environment",
+            path.display(),
+            value.len()
+        );
     }
+    Ok(value)
 }
 
 fn read_secret_file(path: &PathBuf) -> Result<Option<String>> {
@@ -129,20 +145,38 @@ fn read_secret_file(path: &PathBuf) -> Result<Option<String>> {
     }
 }
 
-fn write_new_secret_file(path: &Path, value: &str) -> Result<()> {
-    // create_new: two nodes started on one data dir at once cannot overwrite each
-    // other's secret after one of them has used it.
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(value.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+/// Writes `value` to `path` only if nothing is there yet; false when another
+/// process got there first. The file appears whole or not at all: it is written and
+/// synced under a temporary name, then linked into place (a link, unlike a rename,
+/// never replaces a secret another node may already have used).
+fn write_new_secret_file(dir: &Path, path: &Path, value: &str) -> Result<bool> {
+    let temporary = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("secret"),
+        std::process::id()
+    ));
+    let written = (|| -> std::io::Result<bool> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(value.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        let linked = match std::fs::hard_link(&temporary, path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(linked)
+    })();
+    let _ = std::fs::remove_file(&temporary);
+    written.with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -172,6 +206,46 @@ mod tests {
             !config.db_dir().exists(),
             "nothing is written in the RocksDB folder"
         );
+    }
+
+    #[test]
+    fn a_short_or_empty_secret_file_is_refused_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        load(&config).unwrap();
+        let file = config.secrets_dir().join(PAYMENT_SECRET_FILE);
+        for text in ["", "\n", "  short  \n"] {
+            std::fs::write(&file, text).unwrap();
+            let error = load(&config).unwrap_err().to_string();
+            assert!(error.contains(PAYMENT_SECRET_FILE), "{error}");
+            assert!(error.contains("fewer than the 16"), "{error}");
+        }
+        // Deleting it, as the message says, gets a new one.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(load(&config).unwrap().payment_secret.len(), 64);
+        let leftovers: Vec<_> = std::fs::read_dir(config.secrets_dir())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_secret_written_first_by_another_node_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        assert!(write_new_secret_file(dir.path(), &path, "the-first-node-token").unwrap());
+        assert!(!write_new_secret_file(dir.path(), &path, "the-second-node-token").unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "the-first-node-token\n"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

@@ -243,6 +243,11 @@ async fn payment_after_expiry_is_refused_and_the_card_returns() {
     assert!(order.get("card").is_none());
     assert_eq!(node.get("/v1/skus/fast").await.1["available"], 1);
     assert_eq!(node.metric("keydrop_late_payments_total").await, 1.0);
+    // Providers retry a callback answered 409: the same refusal, nothing new to refund.
+    let (status, body) = node.pay(&id, "late-pay", 250).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "reservation_expired");
+    assert_eq!(node.metric("keydrop_late_payments_total").await, 1.0);
 
     // The operator sees the refund to make.
     let output = node

@@ -156,6 +156,15 @@ pub fn token_digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme's name is
+/// case-insensitive (RFC 9110, 11.1), and blanks around the token are not part of it.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let scheme_end = value.iter().position(|&b| b == b' ' || b == b'\t')?;
+    let (scheme, rest) = value.split_at(scheme_end);
+    let token = rest.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"Bearer") && !token.is_empty()).then_some(token)
+}
+
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
@@ -163,9 +172,9 @@ impl FromRequestParts<AppState> for Admin {
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| bearer_token(v.as_bytes()))
             .ok_or(ApiError::Unauthorized)?;
-        let presented = token_digest(presented.trim_ascii());
+        let presented = token_digest(presented);
         if bool::from(presented.ct_eq(&state.admin_token_digest)) {
             Ok(Admin)
         } else {
@@ -224,6 +233,37 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        for value in [
+            &b"Bearer tok-1"[..],
+            b"bearer tok-1",
+            b"BEARER  tok-1 ",
+            b"Bearer\ttok-1",
+        ] {
+            assert_eq!(
+                bearer_token(value),
+                Some(&b"tok-1"[..]),
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        for value in [
+            &b"Basic tok-1"[..],
+            b"Bearer",
+            b"Bearer   ",
+            b"Bearertok-1",
+            b"",
+        ] {
+            assert_eq!(
+                bearer_token(value),
+                None,
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::{parse_json, read_body, OrderPath};
 use super::AppState;
-use crate::metrics::{LATE_PAYMENTS, PAYMENTS};
+use crate::metrics::PAYMENTS;
 use crate::signature;
 
 const PAYMENT_BODY_BYTES_MAX: usize = 16 * 1024;
@@ -73,8 +73,9 @@ pub async fn confirm_payment(
     let label = match &outcome {
         Ok(_) => "paid",
         Err(EngineError::Sku(SkuError::ReservationExpired)) => {
-            metrics::counter!(LATE_PAYMENTS).increment(1);
-            tracing::warn!(order = %order_id, payment_ref = %payment_ref, amount_cents, "late payment refused; it is listed for refund");
+            // Every refusal, retries included; the engine counts and logs each late
+            // payment once, when it is recorded for refund.
+            tracing::info!(order = %order_id, payment_ref = %payment_ref, amount_cents, "late payment refused");
             "reservation_expired"
         }
         Err(EngineError::Sku(SkuError::AmountMismatch { .. })) => "amount_mismatch",

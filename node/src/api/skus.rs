@@ -315,15 +315,26 @@ impl CsvCards {
         if raw.len() > CSV_LINE_BYTES_MAX {
             return Err(bad(&format!("longer than {CSV_LINE_BYTES_MAX} bytes")));
         }
-        let text = std::str::from_utf8(raw).map_err(|_| bad(&"not UTF-8"))?;
+        let mut text = std::str::from_utf8(raw).map_err(|_| bad(&"not UTF-8"))?;
+        if number == 1 {
+            // The byte order mark spreadsheets put before "CSV UTF-8": not whitespace
+            // to `trim`, and not to be part of the first serial.
+            text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        }
         let text = text.trim();
-        if text.is_empty() || (number == 1 && text.eq_ignore_ascii_case("serial,secret")) {
+        if text.is_empty() {
             return Ok(());
         }
         // Split at the first comma: serials have none, secrets might.
         let (serial, secret) = text
             .split_once(',')
             .ok_or_else(|| bad(&"expected `serial,secret`"))?;
+        if number == 1
+            && serial.trim().eq_ignore_ascii_case("serial")
+            && secret.trim().eq_ignore_ascii_case("secret")
+        {
+            return Ok(());
+        }
         let serial = CardSerial::parse(serial.trim()).map_err(|e| bad(&e))?;
         let secret = CardSecret::new(secret.trim()).map_err(|e| bad(&e))?;
         self.batch.push((serial, secret));
@@ -369,6 +380,32 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    #[test]
+    fn a_header_is_skipped_with_a_byte_order_mark_spaces_or_capitals() {
+        let one = vec![("S-1".to_owned(), "A".to_owned())];
+        for header in [
+            "\u{feff}serial,secret\n",
+            "serial, secret\n",
+            " Serial ,SECRET \r\n",
+            "\u{feff}SERIAL , Secret\r\n",
+        ] {
+            let text = format!("{header}S-1,A\n");
+            for piece in [1, 2, 5, 100] {
+                assert_eq!(parse_in_pieces(&text, piece).unwrap(), one, "{text:?}");
+            }
+        }
+        // A mark before the first card is not part of its serial.
+        assert_eq!(parse_in_pieces("\u{feff}S-1,A\n", 3).unwrap(), one);
+        // Only the first line can be a header; later it is a card like any other.
+        assert_eq!(
+            parse_in_pieces("S-1,A\nserial,secret\n", 4).unwrap(),
+            vec![
+                ("S-1".to_owned(), "A".to_owned()),
+                ("serial".to_owned(), "secret".to_owned()),
+            ]
+        );
     }
 
     #[test]
