@@ -36,6 +36,7 @@ pub const CARDS_IMPORTED: &str = "keydrop_cards_imported_total";
 pub const SKU_CARDS: &str = "keydrop_sku_cards";
 pub const SKU_LOW_STOCK: &str = "keydrop_sku_low_stock";
 pub const READY: &str = "keydrop_ready";
+pub const IDEMPOTENT_REFUSALS: &str = "keydrop_idempotent_refusals";
 
 /// Request latency: a reservation answers after an fsync (a few hundred µs to a
 /// few ms), so the fine buckets sit there; the coarse ones catch stalls.
@@ -154,6 +155,7 @@ pub fn install() -> Result<PrometheusHandle> {
         OVERLOAD_SHED.increment(reason.as_str(), 0);
     }
     metrics::gauge!(RUNTIME_LAG).set(0.0);
+    metrics::gauge!(IDEMPOTENT_REFUSALS).set(0.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -228,6 +230,10 @@ fn describe() {
     describe_gauge!(
         SKU_LOW_STOCK,
         "1 when a SKU's available stock is at or below its low_stock_threshold (> 0)."
+    );
+    describe_gauge!(
+        IDEMPOTENT_REFUSALS,
+        "Refusals of orders that carried an Idempotency-Key, held to be answered again to a retry with the same key (at most 200,000, for an hour)."
     );
     describe_gauge!(
         READY,

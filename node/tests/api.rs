@@ -199,6 +199,76 @@ async fn sku_routes() {
     );
 }
 
+/// A keyed order that was refused gets the same refusal again when retried with the
+/// same key and body, even once a card is back; another body with the key is 422.
+#[tokio::test]
+async fn a_refused_keyed_order_is_answered_the_same_to_its_retries() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.sku_with_cards("r1", on_sale(500, 1, 600), &cards("r", 1))
+        .await;
+    let (status, taken) = node.reserve("r1", "alice").await;
+    assert_eq!(status, StatusCode::CREATED, "{taken}");
+
+    let keyed = |user: &str, key: &str| {
+        node.http
+            .post(node.at("/v1/skus/r1/orders"))
+            .header("idempotency-key", key)
+            .json(&json!({"user_id": user}))
+    };
+    let answer = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.expect("request sent");
+        let replayed = response.headers().get("idempotent-replayed").cloned();
+        let status = response.status();
+        let body: Value = response.json().await.expect("a JSON body");
+        (status, body, replayed)
+    };
+    let (status, first, replayed) = answer(keyed("bob", "kb")).await;
+    assert_eq!(
+        (status, first["error"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out"))
+    );
+    assert!(replayed.is_none());
+
+    // The card comes back to stock; the retry still gets its original answer.
+    let id = taken["order_id"].as_str().unwrap();
+    let (status, _) = node
+        .send(node.http.delete(node.at(&format!("/v1/orders/{id}"))))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, again, replayed) = answer(keyed("bob", "kb")).await;
+    assert_eq!((status, &again), (StatusCode::CONFLICT, &first));
+    assert_eq!(replayed.as_ref().map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_error(
+        &node.send(keyed("carol", "kb")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+
+    // A new key is a new request: it gets the card back in stock.
+    assert_eq!(node.send(keyed("bob", "kb-2")).await.0, StatusCode::CREATED);
+    // Over the purchase limit (on a SKU with stock left), told again to the retry.
+    node.sku_with_cards("r2", on_sale(500, 1, 600), &cards("q", 3))
+        .await;
+    let keyed = |user: &str, key: &str| {
+        node.http
+            .post(node.at("/v1/skus/r2/orders"))
+            .header("idempotency-key", key)
+            .json(&json!({"user_id": user}))
+    };
+    assert_eq!(
+        node.send(keyed("dave", "kb-4")).await.0,
+        StatusCode::CREATED
+    );
+    let (status, limited, _) = answer(keyed("dave", "kb-3")).await;
+    assert_eq!(
+        (status, limited["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("purchase_limit"))
+    );
+    let (status, again, replayed) = answer(keyed("dave", "kb-3")).await;
+    assert_eq!((status, &again), (StatusCode::FORBIDDEN, &limited));
+    assert!(replayed.is_some());
+}
+
 #[tokio::test]
 async fn reservations_and_their_refusals() {
     let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;

@@ -10,12 +10,15 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keydrop_engine::{EngineError, SkuError};
 use serde::Serialize;
 
 use crate::admission::Rejected;
+
+/// Marks an answer given again to a retry with the same `Idempotency-Key`.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// What to wait before retrying after an overload or an outage.
 const RETRY_AFTER_OVERLOADED: Duration = Duration::from_secs(1);
@@ -56,6 +59,9 @@ pub enum ApiError {
     Unavailable(String),
     /// A bug or an unexpected failure; details go to the log, not to the client.
     Internal(String),
+    /// The answer an earlier request with the same `Idempotency-Key` got, again;
+    /// marked with `Idempotent-Replayed: true`.
+    Replayed(Box<ApiError>),
 }
 
 #[derive(Serialize)]
@@ -91,6 +97,7 @@ impl ApiError {
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Replayed(earlier) => earlier.status(),
         }
     }
 
@@ -117,6 +124,7 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Replayed(earlier) => earlier.code(),
         }
     }
 
@@ -154,6 +162,7 @@ impl ApiError {
             }
             ApiError::Overloaded => "the node is at capacity; retry shortly".into(),
             ApiError::Internal(_) => "internal error".into(),
+            ApiError::Replayed(earlier) => earlier.message(),
         }
     }
 
@@ -162,6 +171,7 @@ impl ApiError {
             ApiError::RateLimited(r) => Some(r.retry_after),
             ApiError::Overloaded => Some(RETRY_AFTER_OVERLOADED),
             ApiError::Unavailable(_) => Some(RETRY_AFTER_UNAVAILABLE),
+            ApiError::Replayed(earlier) => earlier.retry_after(),
             _ => None,
         }
     }
@@ -222,6 +232,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, retry_after_value(wait));
+        }
+        if matches!(self, ApiError::Replayed(_)) {
+            response
+                .headers_mut()
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         }
         response
     }

@@ -53,6 +53,8 @@ pub struct Shared {
     pub admin_token_digest: [u8; 32],
     pub payment_secret: Vec<u8>,
     pub callbacks_seen: crate::signature::ReplayGuard,
+    /// Refusals of keyed orders, answered again to their retries.
+    pub refused_keys: crate::refusals::RefusedKeys,
     pub metrics: PrometheusHandle,
     pub sku_gauges: SkuGauges,
 }
@@ -77,6 +79,7 @@ impl AppState {
             admin_token_digest: extract::token_digest(admin_token.as_bytes()),
             payment_secret,
             callbacks_seen: crate::signature::ReplayGuard::default(),
+            refused_keys: crate::refusals::RefusedKeys::default(),
             metrics,
             sku_gauges: SkuGauges::default(),
         }))

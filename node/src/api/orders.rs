@@ -13,6 +13,7 @@
 //! force.
 
 use std::fmt::Write as _;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
@@ -20,16 +21,17 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keydrop_engine::{
-    DeviceId, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation, SkuError,
-    SkuStatus, UserId,
+    DeviceId, EngineError, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation,
+    SkuError, SkuStatus, UserId,
 };
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{ApiError, IDEMPOTENT_REPLAYED};
 use super::extract::{header_text, parse_json, read_body, ClientIp, OrderPath, SkuPath};
 use super::{push_rfc3339, rfc3339, AppState};
 use crate::admission::Rejected;
 use crate::metrics::{ADMISSION_REFUSALS, ORDERS_SHED, ORDER_OUTCOMES, OVERLOAD_SHED};
+use crate::refusals::{Earlier, RefusedKeys};
 
 /// An order body is `{"user_id": "<≤ 128 bytes>"}`; 16 KiB is generous.
 pub const ORDER_BODY_BYTES_MAX: usize = 16 * 1024;
@@ -107,7 +109,7 @@ pub async fn create_order(State(state): State<AppState>, request: Request) -> Re
             if view.replayed {
                 response
                     .headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             }
             response
         }
@@ -168,12 +170,26 @@ async fn reserve(
         state.admission.check_device(device).map_err(rate_limited)?;
     }
     state.admission.check_user(&user).map_err(rate_limited)?;
+    let idempotency = key.map(|key| {
+        let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
+        (key, RequestFingerprint::of(&[&body, device_bytes]))
+    });
+    if let Some((key, fingerprint)) = &idempotency {
+        match state
+            .refused_keys
+            .earlier(&sku, key, fingerprint, Instant::now())
+        {
+            Earlier::None => {}
+            Earlier::Refused(error) => return Err(ApiError::Replayed(Box::new(error.into()))),
+            Earlier::OtherRequest => return Err(ApiError::IdempotencyKeyReused),
+        }
+    }
     // Shed orders for a sold-out SKU here, without a trip to its actor. A request
     // with an Idempotency-Key goes through: it may be the retry of an order that
     // got a card, and must get its original answer back.
     match engine.available_hint(&sku) {
         None => return Err(ApiError::SkuNotFound),
-        Some(0) if key.is_none() => {
+        Some(0) if idempotency.is_none() => {
             metrics::counter!(ORDERS_SHED).increment(1);
             // Out of stock, but a SKU outside its sale window answers as the actor
             // would: not on sale, whatever its stock.
@@ -187,11 +203,8 @@ async fn reserve(
         }
         Some(_) => {}
     }
-    let idempotency = key.map(|key| {
-        let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
-        (key, RequestFingerprint::of(&[&body, device_bytes]))
-    });
-    let view = engine
+    let keyed = idempotency.clone();
+    let reserved = engine
         .reserve(
             &sku,
             Reservation {
@@ -200,8 +213,17 @@ async fn reserve(
                 idempotency,
             },
         )
-        .await?;
-    Ok(view)
+        .await;
+    if let (Err(EngineError::Sku(refusal)), Some((key, fingerprint))) = (&reserved, keyed) {
+        if RefusedKeys::is_final(refusal)
+            && !state
+                .refused_keys
+                .remember(&sku, &key, fingerprint, refusal, Instant::now())
+        {
+            tracing::debug!(sku = %sku, "keyed refusal not remembered: the table is full");
+        }
+    }
+    Ok(reserved?)
 }
 
 fn admitted_order(
