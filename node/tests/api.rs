@@ -3,20 +3,9 @@
 
 mod common;
 
-use common::{cards, on_sale, sign, unix_now, Node};
+use common::{assert_error, cards, on_sale, sign, unix_now, Node};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-
-fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str) {
-    let (got_status, body) = answer;
-    assert_eq!(
-        (*got_status, body["error"].as_str()),
-        (status, Some(code)),
-        "{body}"
-    );
-    assert!(body["message"].is_string(), "{body}");
-    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
-}
 
 #[tokio::test]
 async fn health_readiness_and_unknown_routes() {

@@ -189,9 +189,18 @@ impl Node {
 
     /// SIGTERM, then waits for the exit status.
     pub fn sigterm(&mut self) -> ExitStatus {
+        self.signal("-TERM")
+    }
+
+    /// SIGINT (what Ctrl-C sends), then waits for the exit status.
+    pub fn sigint(&mut self) -> ExitStatus {
+        self.signal("-INT")
+    }
+
+    fn signal(&mut self, signal: &str) -> ExitStatus {
         let pid = self.pid().to_string();
         let sent = Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([signal, &pid])
             .status()
             .expect("running kill");
         assert!(sent.success());
@@ -294,6 +303,14 @@ impl Node {
                 .json(&json!({ "cards": cards })),
         )
         .await
+    }
+
+    /// A SKU's (available, reserved, sold), as `GET /v1/skus/{sku}` shows them.
+    pub async fn stock(&self, sku: &str) -> (u64, u64, u64) {
+        let (status, view) = self.get(&format!("/v1/skus/{sku}")).await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        let count = |field: &str| view[field].as_u64().unwrap_or_else(|| panic!("{view}"));
+        (count("available"), count("reserved"), count("sold"))
     }
 
     pub async fn reserve(&self, sku: &str, user: &str) -> (StatusCode, Value) {
@@ -411,4 +428,16 @@ pub fn repo_root() -> &'static Path {
         );
         package.join("..")
     })
+}
+
+/// An answer is the contract's error: this status, this code, and a message.
+pub fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str) {
+    let (got_status, body) = answer;
+    assert_eq!(
+        (*got_status, body["error"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["message"].is_string(), "{body}");
+    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
 }
