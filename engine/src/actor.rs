@@ -22,7 +22,8 @@ use crate::error::EngineError;
 use crate::ids::{OrderId, PaymentRef, SkuId};
 use crate::journal::{Journal, JournalOp, JournalWrite};
 use crate::limits::{
-    EVENTS_BETWEEN_SNAPSHOTS_MIN, EXPIRE_BATCH_ORDERS_MAX, JOURNAL_QUEUE_DEPTH_MAX,
+    ENDED_ORDERS_KEPT_MS, EVENTS_BETWEEN_SNAPSHOTS_MIN, EXPIRE_BATCH_ORDERS_MAX,
+    JOURNAL_QUEUE_DEPTH_MAX, PRUNE_BATCH_ORDERS_MAX,
 };
 use crate::sku::{
     Command, Event, RefusalReason, Reply, Sku, SkuDef, SkuStatus, SkuView, StockCounts,
@@ -155,6 +156,8 @@ pub(crate) enum SkuMsg {
     Read(Read),
     /// The reservation ticker saw a deadline pass.
     ExpireDue,
+    /// Forget orders that ended long enough ago (the ticker sends it now and then).
+    PruneEnded,
     /// A journal write of `failed_epoch` failed: reload from disk.
     Resync {
         failed_epoch: u64,
@@ -257,6 +260,15 @@ impl Actor for SkuActor {
                     let _ = myself.send_message(SkuMsg::ExpireDue);
                 }
             }
+            SkuMsg::PruneEnded => {
+                let command = Command::PruneEnded {
+                    kept_for_ms: ENDED_ORDERS_KEPT_MS,
+                };
+                if state.run_command(command, None, false) >= PRUNE_BATCH_ORDERS_MAX {
+                    // More were due than one batch takes; go on without waiting.
+                    let _ = myself.send_message(SkuMsg::PruneEnded);
+                }
+            }
             SkuMsg::Resync { failed_epoch } => state.resync(failed_epoch),
             SkuMsg::Snapshot(reply) => {
                 if state.poisoned {
@@ -314,8 +326,8 @@ impl LatePayment {
 }
 
 impl SkuActorState {
-    /// Applies `command` and journals its events; returns how many reservations it
-    /// expired.
+    /// Applies `command` and journals its events; returns how many orders it expired
+    /// or pruned.
     fn run_command(
         &mut self,
         command: Command,
@@ -360,16 +372,22 @@ impl SkuActorState {
             }
             return 0;
         }
-        let expired = decision
-            .events
-            .iter()
-            .find_map(|event| match event {
-                crate::sku::Event::Expired { order_ids, .. } => Some(order_ids.len()),
-                _ => None,
-            })
-            .unwrap_or(0);
-        if expired > 0 {
-            metrics::counter!("keydrop_reservations_expired_total").increment(expired as u64);
+        let mut ended = 0;
+        for event in &decision.events {
+            match event {
+                Event::Expired { order_ids, .. } => {
+                    ended += order_ids.len();
+                    metrics::counter!("keydrop_reservations_expired_total")
+                        .increment(order_ids.len() as u64);
+                }
+                Event::Pruned { order_ids, .. } => {
+                    ended += order_ids.len();
+                    metrics::counter!("keydrop_orders_pruned_total")
+                        .increment(order_ids.len() as u64);
+                    tracing::debug!(sku = %self.sku.id(), orders = order_ids.len(), "ended orders pruned");
+                }
+                _ => {}
+            }
         }
         // Counted once durable, and once per recorded refusal: a provider retrying
         // the same late callback gets the refusal again but records nothing new.
@@ -412,7 +430,7 @@ impl SkuActorState {
             }),
         });
         self.maybe_snapshot();
-        expired
+        ended
     }
 
     /// Delivers now if everything applied is durable, else after a journal barrier.

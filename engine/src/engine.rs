@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// How often the expiry ticker looks for due reservations; keeps expiry within
     /// this much of each deadline.
     pub expiry_interval: Duration,
+    /// How often every SKU is asked to forget the orders that ended more than
+    /// `ENDED_ORDERS_KEPT_MS` ago.
+    pub prune_interval: Duration,
     pub journal: JournalOptions,
 }
 
@@ -50,6 +53,7 @@ impl EngineConfig {
             keys: Arc::new(keys),
             clock: Arc::new(SystemClock),
             expiry_interval: Duration::from_millis(200),
+            prune_interval: Duration::from_secs(60),
             journal: JournalOptions::default(),
         }
     }
@@ -150,6 +154,7 @@ impl Engine {
         tokio::spawn(run_expiry_ticker(
             Arc::downgrade(&engine.inner),
             config.expiry_interval,
+            config.prune_interval,
         ));
         Ok(engine)
     }
@@ -622,15 +627,23 @@ impl Engine {
     }
 }
 
-/// Wakes the actors whose next reservation deadline has passed.
-async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration) {
+/// Wakes the actors whose next reservation deadline has passed, and now and then
+/// every actor to prune its ended orders.
+async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration, prune_interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         if inner.shutting_down.load(Ordering::Acquire) {
             return;
+        }
+        if last_prune.elapsed() >= prune_interval {
+            last_prune = tokio::time::Instant::now();
+            for entry in inner.skus.iter() {
+                let _ = entry.actor.send_message(SkuMsg::PruneEnded);
+            }
         }
         let now = inner.clock.now().as_millis();
         for entry in inner.skus.iter() {

@@ -25,6 +25,16 @@ pub const IMPORT_BATCH_CARDS_MAX: usize = 10_000;
 /// actor turn stays short.
 pub const EXPIRE_BATCH_ORDERS_MAX: usize = 4096;
 
+/// Orders forgotten by one `PruneEnded`; the rest follow on the next pass.
+pub const PRUNE_BATCH_ORDERS_MAX: usize = 4096;
+
+/// How long an order that expired or was cancelled is kept before it is forgotten
+/// (unless it holds a refused payment): long enough for a payment provider's
+/// retries of a late callback (days), for the buyer's page to show "expired", and
+/// for a retry with the same Idempotency-Key to get its original answer. Without
+/// it, reservations that are never paid would grow a SKU's memory for good.
+pub const ENDED_ORDERS_KEPT_MS: u64 = 3 * 24 * 60 * 60 * 1000;
+
 /// Refused payments kept on one order; past this a payment is still refused (and
 /// the node logs a late one), but the order stops growing.
 pub const REFUSED_PAYMENTS_PER_ORDER_MAX: usize = 64;

@@ -739,3 +739,108 @@ async fn the_published_view_shows_only_durable_changes() {
     assert_eq!(after.def.name, "renamed");
     o.engine.shutdown().await;
 }
+
+/// Whether the engine knows the order.
+async fn known(engine: &keydrop_engine::Engine, order: keydrop_engine::OrderId) -> bool {
+    match engine.order(&order).await {
+        Ok(_) => true,
+        Err(EngineError::Sku(SkuError::OrderNotFound)) => false,
+        Err(other) => panic!("{other:?}"),
+    }
+}
+
+/// Orders that ended more than `ENDED_ORDERS_KEPT_MS` ago are forgotten, on disk
+/// too, and their idempotency keys with them; paid orders, and an ended one holding
+/// a refused payment (money to refund), are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_orders_are_forgotten_after_their_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let id = sku("churn");
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
+    o.engine.import_cards(&id, cards("C", 0..5)).await.unwrap();
+    let paid = o
+        .engine
+        .reserve(&id, buyer("payer"))
+        .await
+        .unwrap()
+        .order_id;
+    o.engine
+        .confirm_payment(&paid, PaymentRef::parse("p-1").unwrap(), 5_000)
+        .await
+        .unwrap();
+    let key = IdempotencyKey::parse("k-1").unwrap();
+    let fingerprint = RequestFingerprint::of(&[b"quitter"]);
+    let keyed = |name: &str| Reservation {
+        idempotency: Some((key.clone(), fingerprint)),
+        ..buyer(name)
+    };
+    let cancelled = o
+        .engine
+        .reserve(&id, keyed("quitter"))
+        .await
+        .unwrap()
+        .order_id;
+    o.engine.cancel(&cancelled).await.unwrap();
+    let refunded = o.engine.reserve(&id, buyer("late")).await.unwrap().order_id;
+    o.engine.cancel(&refunded).await.unwrap();
+    let late = o
+        .engine
+        .confirm_payment(&refunded, PaymentRef::parse("p-late").unwrap(), 5_000)
+        .await;
+    assert!(matches!(
+        late,
+        Err(EngineError::Sku(SkuError::ReservationExpired))
+    ));
+    let expired = o
+        .engine
+        .reserve(&id, buyer("sleeper"))
+        .await
+        .unwrap()
+        .order_id;
+    clock.advance_millis(61_000);
+    let engine = o.engine.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || engine
+            .sku(&id)
+            .unwrap()
+            .counts
+            .reserved
+            == 0)
+        .await
+    );
+
+    let found = |order| known(&o.engine, order);
+    // Just short of the retention for the first to end (at T0): all kept.
+    clock.advance_millis(keydrop_engine::limits::ENDED_ORDERS_KEPT_MS - 61_000 - 2_000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for order in [paid, cancelled, refunded, expired] {
+        assert!(found(order).await);
+    }
+    // Past it for the last to end too (expired at T0 + 61 s): the ended ones go, but
+    // for the one with money to refund.
+    clock.advance_millis(65_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while (found(cancelled).await || found(expired).await) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!found(cancelled).await && !found(expired).await);
+    assert!(found(paid).await && found(refunded).await);
+    assert_eq!(o.engine.refused_payments(None).await.unwrap().len(), 1);
+    let view = o.engine.sku(&id).unwrap();
+    assert_eq!((view.counts.available, view.counts.sold), (4, 1));
+    // The key went with its order: the same request is a new reservation now.
+    let again = o.engine.reserve(&id, keyed("quitter")).await.unwrap();
+    assert!(!again.replayed);
+    assert_ne!(again.order_id, cancelled);
+    o.engine.shutdown().await;
+    drop(o);
+
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    let found = |order| known(&o.engine, order);
+    assert!(!found(cancelled).await && !found(expired).await);
+    assert!(found(paid).await && found(refunded).await && found(again.order_id).await);
+    o.engine.shutdown().await;
+}

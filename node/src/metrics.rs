@@ -142,6 +142,7 @@ pub fn install() -> Result<PrometheusHandle> {
         CARDS_IMPORTED,
         "keydrop_journal_write_failures_total",
         "keydrop_reservations_expired_total",
+        "keydrop_orders_pruned_total",
         "keydrop_cards_revealed_total",
         ORDER_BOUND_OPENED,
         ORDER_FLOOR_RAISED,
@@ -275,6 +276,10 @@ fn describe() {
     describe_counter!(
         "keydrop_reservations_expired_total",
         "Reservations that expired unpaid; their cards went back to stock."
+    );
+    describe_counter!(
+        "keydrop_orders_pruned_total",
+        "Orders forgotten three days after they expired or were cancelled (ones holding a refused payment are kept), so unpaid reservations do not grow memory for good."
     );
     describe_counter!(
         "keydrop_cards_revealed_total",

@@ -37,7 +37,7 @@ type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::quality::RandomState, Pr
 use crate::clock::Timestamp;
 use crate::ids::{CardSerial, DeviceId, IdempotencyKey, OrderId, SkuId, UserId};
 use crate::limits::{
-    CARDS_PER_SKU_MAX, EXPIRE_BATCH_ORDERS_MAX, IMPORT_BATCH_CARDS_MAX,
+    CARDS_PER_SKU_MAX, EXPIRE_BATCH_ORDERS_MAX, IMPORT_BATCH_CARDS_MAX, PRUNE_BATCH_ORDERS_MAX,
     REFUSED_PAYMENTS_PER_ORDER_MAX,
 };
 use crate::vault::SealedSecret;
@@ -71,7 +71,8 @@ impl Decision {
     }
 }
 
-/// One SKU: its definition, its cards and every order ever placed on it.
+/// One SKU: its definition, its cards, its live and paid orders, and its ended
+/// (expired, cancelled) orders until they are pruned.
 #[derive(Debug, Clone)]
 pub struct Sku {
     id: SkuId,
@@ -88,6 +89,8 @@ pub struct Sku {
     device_live_orders: FastMap<DeviceId, u32>,
     idempotency_index: FastMap<IdempotencyKey, OrderId>,
     expiry_queue: BTreeSet<(Timestamp, OrderId)>,
+    /// Ended orders by the time they ended, oldest first: what pruning looks at.
+    ended_queue: BTreeSet<(Timestamp, OrderId)>,
     /// The latest `now` seen; time never runs backwards inside the machine.
     last_now: Timestamp,
 }
@@ -126,6 +129,7 @@ impl Sku {
             device_live_orders: FastMap::default(),
             idempotency_index: FastMap::default(),
             expiry_queue: BTreeSet::new(),
+            ended_queue: BTreeSet::new(),
             last_now: Timestamp(0),
         }
     }
@@ -290,7 +294,37 @@ impl Sku {
                 };
                 self.commit(Reply::Resealed { count }, events)
             }
+            Command::PruneEnded { kept_for_ms } => {
+                let prunable = self.prunable_orders(kept_for_ms, now);
+                let count = prunable.len();
+                let events = if prunable.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Event::Pruned {
+                        order_ids: prunable,
+                        at: now,
+                    }]
+                };
+                self.commit(Reply::Pruned { count }, events)
+            }
         }
+    }
+
+    /// Ended orders at least `kept_for_ms` old that hold no refused payment, oldest
+    /// first, up to the batch limit.
+    fn prunable_orders(&self, kept_for_ms: u64, now: Timestamp) -> Vec<OrderId> {
+        let ended_before = now.as_millis().saturating_sub(kept_for_ms);
+        self.ended_queue
+            .iter()
+            .take_while(|(ended_at, _)| ended_at.as_millis() <= ended_before)
+            .filter(|(_, id)| {
+                self.orders
+                    .get(id)
+                    .is_some_and(|order| order.refused_payments.is_empty())
+            })
+            .map(|&(_, id)| id)
+            .take(PRUNE_BATCH_ORDERS_MAX)
+            .collect()
     }
 
     fn decide_import(&mut self, cards: Vec<NewCard>, now: Timestamp) -> Decision {
@@ -669,6 +703,19 @@ impl Sku {
                     self.cards[*index as usize].sealed = sealed.clone();
                 }
             }
+            Event::Pruned { order_ids, at } => {
+                for order_id in order_ids {
+                    let order = self.orders.remove(order_id).expect("pruned order exists");
+                    let ended_at = ended_at(&order.status).expect("pruned order has ended");
+                    self.ended_queue.remove(&(ended_at, *order_id));
+                    if let Some((key, _)) = &order.idempotency {
+                        if self.idempotency_index.get(key) == Some(order_id) {
+                            self.idempotency_index.remove(key);
+                        }
+                    }
+                }
+                self.touch(*at);
+            }
         }
     }
 
@@ -728,6 +775,24 @@ impl Sku {
                     return Err("reseal names an unknown card".into());
                 }
             }
+            Event::Pruned { order_ids, .. } => {
+                let mut seen = std::collections::HashSet::new();
+                for id in order_ids {
+                    match self.orders.get(id) {
+                        None => return Err(format!("event names unknown order {id}")),
+                        Some(order) if ended_at(&order.status).is_none() => {
+                            return Err(format!("order {id} pruned while live"))
+                        }
+                        Some(order) if !order.refused_payments.is_empty() => {
+                            return Err(format!("order {id} pruned with a payment to refund"))
+                        }
+                        Some(_) => {}
+                    }
+                    if !seen.insert(id) {
+                        return Err(format!("order {id} pruned twice"));
+                    }
+                }
+            }
         }
         self.apply(event);
         self.assert_conserved();
@@ -745,8 +810,10 @@ impl Sku {
             OrderStatus::Reserved,
             "order {order_id} released while not reserved"
         );
+        let ended = ended_at(&status).expect("an order is released to an ended status");
         order.status = status;
         let (card, expires_at) = (order.card, order.expires_at);
+        self.ended_queue.insert((ended, order_id));
         let (user, device) = (order.user.clone(), order.device.clone());
         self.expiry_queue.remove(&(expires_at, order_id));
         let card_state = &mut self.cards[card as usize].state;
@@ -848,6 +915,18 @@ impl Sku {
         }
         if self.expiry_queue.len() as u64 != reserved {
             return Err("expiry queue holds orders that are not reserved".into());
+        }
+        let mut ended = 0usize;
+        for order in self.orders.values() {
+            if let Some(at) = ended_at(&order.status) {
+                ended += 1;
+                if !self.ended_queue.contains(&(at, order.id)) {
+                    return Err(format!("ended order {} missing from ended queue", order.id));
+                }
+            }
+        }
+        if self.ended_queue.len() != ended {
+            return Err("ended queue holds orders that have not ended".into());
         }
         let available_cards = self
             .cards
@@ -951,7 +1030,9 @@ impl Sku {
                     sku.expiry_queue.insert((order.expires_at, order.id));
                 }
                 OrderStatus::Paid { .. } => sku.sold_count += 1,
-                _ => {}
+                OrderStatus::Expired { at } | OrderStatus::Cancelled { at } => {
+                    sku.ended_queue.insert((at, order.id));
+                }
             }
             if matches!(
                 order.status,
@@ -973,6 +1054,14 @@ impl Sku {
         }
         sku.check_invariants()?;
         Ok(sku)
+    }
+}
+
+/// When an order ended, if it has.
+fn ended_at(status: &OrderStatus) -> Option<Timestamp> {
+    match status {
+        OrderStatus::Expired { at } | OrderStatus::Cancelled { at } => Some(*at),
+        OrderStatus::Reserved | OrderStatus::Paid { .. } => None,
     }
 }
 

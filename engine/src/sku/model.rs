@@ -152,6 +152,11 @@ pub enum Command {
     ExpireDue,
     /// Replace sealed secrets after a key rotation; unknown serials are skipped.
     Reseal(Vec<(CardSerial, SealedSecret)>),
+    /// Forget orders that expired or were cancelled at least `kept_for_ms` ago (up to
+    /// a batch limit), except those holding a refused payment (money to refund).
+    PruneEnded {
+        kept_for_ms: u64,
+    },
 }
 
 /// A journaled change. Each carries what replay needs to repeat the decision
@@ -199,6 +204,12 @@ pub enum Event {
     },
     Resealed {
         cards: Vec<(CardIndex, SealedSecret)>,
+    },
+    /// Ended orders forgotten. Last of the variants: an event's encoding is its
+    /// variant's index, so records written before it read the same.
+    Pruned {
+        order_ids: Vec<OrderId>,
+        at: Timestamp,
     },
 }
 
@@ -335,6 +346,7 @@ pub enum Reply {
     Cancelled(OrderView),
     Expired { count: usize },
     Resealed { count: usize },
+    Pruned { count: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

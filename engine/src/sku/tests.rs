@@ -397,6 +397,8 @@ enum Op {
     PayUnknown,
     Advance(u64),
     ExpireDue,
+    /// Prune orders ended at least this long ago.
+    Prune(u64),
     Restart,
 }
 
@@ -410,6 +412,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::PayUnknown),
         2 => prop_oneof![Just(1u64), Just(TTL_MS / 2), Just(TTL_MS), Just(3 * TTL_MS)].prop_map(Op::Advance),
         1 => Just(Op::ExpireDue),
+        1 => prop_oneof![Just(0u64), Just(TTL_MS), Just(3 * TTL_MS)].prop_map(Op::Prune),
         1 => Just(Op::Restart),
     ]
 }
@@ -430,6 +433,9 @@ struct MOrder {
     expires_at: u64,
     status: MStatus,
     refused: Vec<(u8, SkuError)>,
+    ended_at: Option<u64>,
+    /// Pruned: the machine no longer knows it.
+    gone: bool,
 }
 
 /// The reference model: counters and a list of orders, nothing clever.
@@ -472,6 +478,7 @@ impl Model {
     fn release(&mut self, index: usize, status: MStatus) {
         assert_eq!(self.orders[index].status, MStatus::Reserved);
         self.orders[index].status = status;
+        self.orders[index].ended_at = Some(self.now);
         self.available += 1;
     }
 }
@@ -560,6 +567,8 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             expires_at: model.now + TTL_MS,
                             status: MStatus::Reserved,
                             refused: vec![],
+                            ended_at: None,
+                            gone: false,
                         });
                     }
                     (Err(want), Err(got)) => prop_assert_eq!(want, got),
@@ -588,9 +597,9 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     now,
                 );
                 let o = model.orders[index].clone();
-                let expected: Result<(), SkuError> = if let Some((_, e)) =
-                    o.refused.iter().find(|(r, _)| *r == reference)
-                {
+                let expected: Result<(), SkuError> = if o.gone {
+                    Err(SkuError::OrderNotFound)
+                } else if let Some((_, e)) = o.refused.iter().find(|(r, _)| *r == reference) {
                     Err(e.clone())
                 } else {
                     let refusal = match o.status {
@@ -638,6 +647,7 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     now,
                 );
                 let expected = match model.orders[index].status {
+                    _ if model.orders[index].gone => Err(SkuError::OrderNotFound),
                     MStatus::Cancelled => Ok(()),
                     MStatus::Paid(_) => Err(SkuError::AlreadyPaid),
                     MStatus::Expired => Err(SkuError::ReservationExpired),
@@ -681,6 +691,34 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     other => prop_assert!(false, "expire answered {:?}", other),
                 }
                 log.extend(decision.events);
+            }
+            Op::Prune(kept_for) => {
+                let decision = sku.handle(
+                    Command::PruneEnded {
+                        kept_for_ms: kept_for,
+                    },
+                    now,
+                );
+                let mut expected = 0;
+                for index in 0..model.orders.len() {
+                    let o = &model.orders[index];
+                    if !o.gone
+                        && o.refused.is_empty()
+                        && o.ended_at.is_some_and(|at| at + kept_for <= model.now)
+                    {
+                        model.orders[index].gone = true;
+                        model.keys.retain(|_, (_, i)| *i != index);
+                        expected += 1;
+                    }
+                }
+                match decision.reply {
+                    Ok(Reply::Pruned { count }) => prop_assert_eq!(count, expected),
+                    other => prop_assert!(false, "prune answered {:?}", other),
+                }
+                log.extend(decision.events);
+                for o in &model.orders {
+                    prop_assert_eq!(sku.order(&o.id).is_none(), o.gone);
+                }
             }
             Op::Restart => {
                 // Through the real codec, as recovery does: snapshot, and full replay.

@@ -58,6 +58,7 @@ pub async fn open(dir: &Path, clock: &ManualClock, keys: &[[u8; 32]]) -> Opened 
     let mut config = EngineConfig::new(dir.join("db"), ring(keys));
     config.clock = Arc::new(clock.clone()) as Arc<dyn Clock>;
     config.expiry_interval = Duration::from_millis(20);
+    config.prune_interval = Duration::from_millis(20);
     config.journal.fault_injector = Some(fault.clone());
     let engine = Engine::open(config).await.expect("engine opens");
     Opened {
