@@ -32,6 +32,8 @@ pub enum SignatureError {
     Mismatch,
     #[error("signed callback replayed against another order")]
     Replayed,
+    #[error("signed before this process started; the provider's retry carries a new signature")]
+    SignedBeforeStart,
 }
 
 /// Signed callbacks remembered at most: past this, the oldest are dropped early.
@@ -42,14 +44,28 @@ const REMEMBERED_CALLBACKS_MAX: usize = 1_000_000;
 /// [`SIGNATURE_AGE_SECS_MAX`] window. The guard remembers which order each signed
 /// callback was accepted for, for as long as its timestamp stays valid: the same
 /// callback again (a provider retry) passes, the same callback for another order
-/// does not.
-#[derive(Default)]
+/// does not. That memory dies with the process, so a callback signed before the
+/// process started is refused: an earlier process may have accepted it for another
+/// order. Providers sign each retry anew, so a callback caught by a restart is
+/// retried, not lost.
 pub struct ReplayGuard {
     seen: DashMap<[u8; 32], ([u8; 16], i64)>,
+    /// Unix seconds of this process's start.
+    since: i64,
 }
 
 impl ReplayGuard {
+    pub fn starting_at(now_unix_secs: i64) -> Self {
+        ReplayGuard {
+            seen: DashMap::new(),
+            since: now_unix_secs,
+        }
+    }
+
     pub fn check(&self, t: i64, body: &[u8], order: &[u8; 16]) -> Result<(), SignatureError> {
+        if t < self.since {
+            return Err(SignatureError::SignedBeforeStart);
+        }
         let key: [u8; 32] = Sha256::new()
             .chain_update(t.to_be_bytes())
             .chain_update(body)
@@ -222,8 +238,14 @@ mod tests {
 
     #[test]
     fn replay_guard_lets_retries_through_and_stops_other_orders() {
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::starting_at(90);
         let body = br#"{"payment_ref":"p","amount_cents":5}"#;
+        // Signed before the process started: an earlier one may have taken it.
+        assert_eq!(
+            guard.check(89, body, &[1; 16]),
+            Err(SignatureError::SignedBeforeStart)
+        );
+        assert_eq!(guard.check(90, body, &[1; 16]), Ok(()));
         assert_eq!(guard.check(100, body, &[1; 16]), Ok(()));
         assert_eq!(guard.check(100, body, &[1; 16]), Ok(()));
         assert_eq!(

@@ -39,3 +39,30 @@ async fn captured_callback_does_not_pay_another_order() {
     let (_, order) = node.get(&format!("/v1/orders/{second}")).await;
     assert_eq!(order["status"], "reserved", "{order}");
 }
+
+/// The guard's memory dies with the process: a callback signed before the node
+/// started may have paid another order in the process before, so it is refused, and
+/// the provider's retry, signed anew, goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_signed_before_the_node_started_is_refused() {
+    let node = Node::start(&[]).await;
+    node.sku_with_cards("restarted", on_sale(700, 1, 60), &cards("R", 2))
+        .await;
+    let (_, order) = node.reserve("restarted", "carol").await;
+    let order = order["order_id"].as_str().expect("order id").to_string();
+    let body = json!({"payment_ref": "psp-9", "amount_cents": 700}).to_string();
+    let post = |signature: String| {
+        node.http
+            .post(node.at(&format!("/v1/orders/{order}/payment")))
+            .header("content-type", "application/json")
+            .header("x-keydrop-signature", signature)
+            .body(body.clone())
+    };
+    let secret = node.payment_secret();
+    let before_start = sign(secret.as_bytes(), unix_now() - 30, &body);
+    let (status, refused) = node.send(post(before_start)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{refused}");
+    assert_eq!(refused["error"], "bad_signature");
+    let (status, paid) = node.send(post(node.sign(&body))).await;
+    assert_eq!(status, StatusCode::OK, "{paid}");
+}

@@ -78,7 +78,11 @@ impl AppState {
             admission,
             admin_token_digest: extract::token_digest(admin_token.as_bytes()),
             payment_secret,
-            callbacks_seen: crate::signature::ReplayGuard::default(),
+            callbacks_seen: crate::signature::ReplayGuard::starting_at(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
+            ),
             refused_keys: crate::refusals::RefusedKeys::default(),
             metrics,
             sku_gauges: SkuGauges::default(),
