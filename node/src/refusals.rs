@@ -10,6 +10,7 @@
 //! afresh and may get a card that came back to stock. Throttled and overloaded
 //! answers (429, 503) are not remembered: their retry is meant to be decided again.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -18,9 +19,13 @@ use keydrop_engine::{IdempotencyKey, RequestFingerprint, SkuError, SkuId};
 /// How long a keyed refusal is answered again to a retry.
 pub const REFUSAL_KEPT: Duration = Duration::from_secs(3600);
 
-/// Refusals remembered at most (about 300 bytes each with their keys): past this,
-/// a new refusal is not remembered until older ones expire.
+/// Refusals remembered at most (about 100 bytes each, 20 MB in all): past this, a new refusal is
+/// not remembered until older ones expire.
 pub const REFUSALS_MAX: usize = 200_000;
+
+/// When full, expired refusals are swept at most this often: a sweep reads every
+/// entry, and a crowd of keyed orders past a sold-out SKU must not pay one each.
+const SWEEP_WHEN_FULL_EVERY: Duration = Duration::from_secs(1);
 
 /// What an earlier request with the same key was answered.
 #[derive(Debug, PartialEq)]
@@ -41,7 +46,14 @@ struct Refused {
 
 #[derive(Default)]
 pub struct RefusedKeys {
-    entries: DashMap<(SkuId, IdempotencyKey), Refused>,
+    /// By a digest of the SKU and the key: a lookup allocates nothing, and an
+    /// entry's size does not depend on the key the client chose.
+    entries: DashMap<[u8; 16], Refused>,
+    last_sweep_when_full: Mutex<Option<Instant>>,
+}
+
+fn slot(sku: &SkuId, key: &IdempotencyKey) -> [u8; 16] {
+    RequestFingerprint::of(&[sku.as_str().as_bytes(), key.as_str().as_bytes()]).0
 }
 
 impl RefusedKeys {
@@ -52,8 +64,7 @@ impl RefusedKeys {
         fingerprint: &RequestFingerprint,
         now: Instant,
     ) -> Earlier {
-        // A lookup allocates the key pair; only keyed orders pay it.
-        match self.entries.get(&(sku.clone(), key.clone())) {
+        match self.entries.get(&slot(sku, key)) {
             Some(refused) if now.duration_since(refused.at) < REFUSAL_KEPT => {
                 if refused.fingerprint == *fingerprint {
                     Earlier::Refused(refused.error.clone())
@@ -88,13 +99,22 @@ impl RefusedKeys {
             return false;
         }
         if self.entries.len() >= REFUSALS_MAX {
+            let mut last = self
+                .last_sweep_when_full
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last.is_some_and(|at| now.duration_since(at) < SWEEP_WHEN_FULL_EVERY) {
+                return false;
+            }
+            *last = Some(now);
+            drop(last);
             self.purge(now);
             if self.entries.len() >= REFUSALS_MAX {
                 return false;
             }
         }
         self.entries.insert(
-            (sku.clone(), key.clone()),
+            slot(sku, key),
             Refused {
                 fingerprint,
                 error: error.clone(),
@@ -200,6 +220,14 @@ mod tests {
         let extra = IdempotencyKey::parse("extra").unwrap();
         assert!(!refusals.remember(&sku, &extra, body, &SkuError::SoldOut, now));
         assert_eq!(refusals.len(), REFUSALS_MAX);
+        // A sweep just ran: the next is a second away, however full.
+        assert!(!refusals.remember(
+            &sku,
+            &extra,
+            body,
+            &SkuError::SoldOut,
+            now + REFUSAL_KEPT / 2
+        ));
         assert!(refusals.remember(&sku, &extra, body, &SkuError::SoldOut, now + REFUSAL_KEPT));
         assert_eq!(refusals.len(), 1);
     }
