@@ -220,15 +220,16 @@ mod tests {
         let extra = IdempotencyKey::parse("extra").unwrap();
         assert!(!refusals.remember(&sku, &extra, body, &SkuError::SoldOut, now));
         assert_eq!(refusals.len(), REFUSALS_MAX);
-        // A sweep just ran: the next is a second away, however full.
-        assert!(!refusals.remember(
-            &sku,
-            &extra,
-            body,
-            &SkuError::SoldOut,
-            now + REFUSAL_KEPT / 2
-        ));
-        assert!(refusals.remember(&sku, &extra, body, &SkuError::SoldOut, now + REFUSAL_KEPT));
+        // Just before the entries expire, a sweep finds nothing to drop.
+        let ms = Duration::from_millis;
+        let remember_at = |at| refusals.remember(&sku, &extra, body, &SkuError::SoldOut, at);
+        assert!(!remember_at(now + REFUSAL_KEPT - ms(500)));
+        // Once they have expired, the next sweep waits for a second after that one,
+        // however many refusals arrive meanwhile,
+        assert!(!remember_at(now + REFUSAL_KEPT + ms(100)));
+        assert_eq!(refusals.len(), REFUSALS_MAX);
+        // and then clears them.
+        assert!(remember_at(now + REFUSAL_KEPT + ms(600)));
         assert_eq!(refusals.len(), 1);
     }
 }
