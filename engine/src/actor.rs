@@ -21,12 +21,13 @@ use crate::codec;
 use crate::error::EngineError;
 use crate::ids::{OrderId, PaymentRef, SkuId};
 use crate::journal::{Journal, JournalOp, JournalWrite};
+use crate::keyed_refusals::{Earlier, KeyedRefusals};
 use crate::limits::{
     ENDED_ORDERS_KEPT_MS, EVENTS_BETWEEN_SNAPSHOTS_MIN, EXPIRE_BATCH_ORDERS_MAX,
     JOURNAL_QUEUE_DEPTH_MAX, PRUNE_BATCH_ORDERS_MAX,
 };
 use crate::sku::{
-    Command, Event, RefusalReason, Reply, Sku, SkuDef, SkuStatus, SkuView, StockCounts,
+    Command, Event, RefusalReason, Reply, Sku, SkuDef, SkuError, SkuStatus, SkuView, StockCounts,
 };
 
 /// What a SKU actor publishes for readers that must not queue behind buyers: the
@@ -188,6 +189,7 @@ pub(crate) struct SkuActorState {
     records_since_snapshot: u64,
     /// Set when reloading from disk failed: every command is refused from then on.
     poisoned: bool,
+    keyed_refusals: KeyedRefusals,
     shared: Arc<SkuShared>,
     journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
@@ -216,6 +218,7 @@ impl Actor for SkuActor {
             epoch: 0,
             records_since_snapshot: args.records_since_snapshot,
             poisoned: false,
+            keyed_refusals: KeyedRefusals::default(),
             shared: args.shared,
             journal: args.journal,
             clock: args.clock,
@@ -353,7 +356,34 @@ impl SkuActorState {
         // record is durable, or the provider could hold a final answer whose refund
         // record a crash then loses.
         let refusal_reflects_state = matches!(command, Command::ConfirmPayment { .. });
-        let decision = self.sku.handle(command, self.clock.now());
+        let now = self.clock.now();
+        // A keyed reservation the SKU has no order for may have been refused before.
+        let keyed = match &command {
+            Command::Reserve(request) => request
+                .idempotency
+                .as_ref()
+                .filter(|(key, _)| !self.sku.knows_idempotency_key(key))
+                .cloned(),
+            _ => None,
+        };
+        if let Some((key, fingerprint)) = &keyed {
+            let earlier = match self.keyed_refusals.earlier(key, fingerprint, now) {
+                Earlier::None => None,
+                Earlier::Refused(error) => Some(error),
+                Earlier::OtherRequest => Some(SkuError::IdempotencyKeyReused),
+            };
+            if let Some(error) = earlier {
+                metrics::counter!("keydrop_idempotent_refusals_replayed_total").increment(1);
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(EngineError::Sku(error)));
+                }
+                return 0;
+            }
+        }
+        let decision = self.sku.handle(command, now);
+        if let (Some((key, fingerprint)), Err(refusal)) = (keyed, &decision.reply) {
+            self.keyed_refusals.remember(key, fingerprint, refusal, now);
+        }
         self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {
             match (decision.reply, reply) {
@@ -402,7 +432,8 @@ impl SkuActorState {
         let durable_seq = Arc::clone(&self.durable_seq);
         let record = codec::encode_events(&decision.events);
         let answer = decision.reply;
-        let sku = self.sku.id().clone();
+        // Only for the log line of a late payment: no copy for the other records.
+        let sku = (!late_payments.is_empty()).then(|| self.sku.id().clone());
         let shared = Arc::clone(&self.shared);
         let published = Published {
             counts: self.sku.counts(),
@@ -417,8 +448,10 @@ impl SkuActorState {
                     Ok(()) => {
                         durable_seq.fetch_max(seq, Ordering::Release);
                         shared.publish_durable(seq, &published);
-                        for late in &late_payments {
-                            late.log_recorded(&sku);
+                        if let Some(sku) = &sku {
+                            for late in &late_payments {
+                                late.log_recorded(sku);
+                            }
                         }
                         answer.map_err(EngineError::Sku)
                     }

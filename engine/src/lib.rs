@@ -6,7 +6,8 @@
 //! - [`codec`]: every byte written to disk is encoded and checked here, and only here.
 //! - [`journal`]: RocksDB, the group-commit writer and recovery; the only module that
 //!   touches RocksDB.
-//! - `actor`: one ractor actor per SKU, serialising its commands in memory.
+//! - `actor`: one ractor actor per SKU, serialising its commands in memory; with it,
+//!   `keyed_refusals`, the refusals it answers again to retries with the same key.
 //! - [`Engine`]: the handle callers hold; routes calls to actors, runs expiry.
 //!
 //! Invariants: a card is in at most one live order; `available + reserved + sold ==
@@ -20,6 +21,7 @@ mod engine;
 mod error;
 pub mod ids;
 pub mod journal;
+mod keyed_refusals;
 pub mod limits;
 pub mod sku;
 pub mod vault;

@@ -35,6 +35,13 @@ pub const PRUNE_BATCH_ORDERS_MAX: usize = 4096;
 /// it, reservations that are never paid would grow a SKU's memory for good.
 pub const ENDED_ORDERS_KEPT_MS: u64 = 3 * 24 * 60 * 60 * 1000;
 
+/// How long a refusal of a keyed reservation is answered again to its retries
+/// (`keyed_refusals.rs`).
+pub const KEYED_REFUSAL_KEPT_MS: u64 = 60 * 60 * 1000;
+
+/// Keyed refusals held per SKU, about 200 bytes each: past this the oldest go.
+pub const KEYED_REFUSALS_PER_SKU_MAX: usize = 50_000;
+
 /// Refused payments kept on one order; past this a payment is still refused (and
 /// the node logs a late one), but the order stops growing.
 pub const REFUSED_PAYMENTS_PER_ORDER_MAX: usize = 64;

@@ -17,7 +17,6 @@ mod lag;
 mod metrics;
 mod order_slots;
 mod platform;
-mod refusals;
 mod secrets;
 mod server;
 mod signature;

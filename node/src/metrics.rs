@@ -36,7 +36,6 @@ pub const CARDS_IMPORTED: &str = "keydrop_cards_imported_total";
 pub const SKU_CARDS: &str = "keydrop_sku_cards";
 pub const SKU_LOW_STOCK: &str = "keydrop_sku_low_stock";
 pub const READY: &str = "keydrop_ready";
-pub const IDEMPOTENT_REFUSALS: &str = "keydrop_idempotent_refusals";
 
 /// Request latency: a reservation answers after an fsync (a few hundred µs to a
 /// few ms), so the fine buckets sit there; the coarse ones catch stalls.
@@ -143,6 +142,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "keydrop_journal_write_failures_total",
         "keydrop_reservations_expired_total",
         "keydrop_orders_pruned_total",
+        "keydrop_idempotent_refusals_replayed_total",
         "keydrop_cards_revealed_total",
         ORDER_BOUND_OPENED,
         ORDER_FLOOR_RAISED,
@@ -156,7 +156,6 @@ pub fn install() -> Result<PrometheusHandle> {
         OVERLOAD_SHED.increment(reason.as_str(), 0);
     }
     metrics::gauge!(RUNTIME_LAG).set(0.0);
-    metrics::gauge!(IDEMPOTENT_REFUSALS).set(0.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -232,9 +231,9 @@ fn describe() {
         SKU_LOW_STOCK,
         "1 when a SKU's available stock is at or below its low_stock_threshold (> 0)."
     );
-    describe_gauge!(
-        IDEMPOTENT_REFUSALS,
-        "Refusals of orders that carried an Idempotency-Key, held to be answered again to a retry with the same key (at most 200,000, for an hour)."
+    describe_counter!(
+        "keydrop_idempotent_refusals_replayed_total",
+        "Refusals answered again to a retry with the same Idempotency-Key (held by the SKU's actor for an hour, at most 50,000 per SKU), or 422 for the key with another request."
     );
     describe_gauge!(
         READY,

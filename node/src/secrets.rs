@@ -150,18 +150,19 @@ fn read_secret_file(path: &PathBuf) -> Result<Option<String>> {
 /// synced under a temporary name, then linked into place (a link, unlike a rename,
 /// never replaces a secret another node may already have used).
 fn write_new_secret_file(dir: &Path, path: &Path, value: &str) -> Result<bool> {
+    // A random name, created new: two nodes (two containers can both be pid 1)
+    // never write into each other's temporary file.
     let temporary = dir.join(format!(
         ".{}.{}.tmp",
         path.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("secret"),
-        std::process::id()
+        random_token()
     ));
     let written = (|| -> std::io::Result<bool> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&temporary)?;
         file.write_all(value.as_bytes())?;

@@ -20,7 +20,6 @@ use tokio::sync::watch;
 use crate::admission::{Admission, EVICT_INTERVAL};
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::metrics::IDEMPOTENT_REFUSALS;
 use crate::{metrics, secrets};
 
 /// How often the Prometheus recorder drains histograms and SKU gauges refresh (so
@@ -137,8 +136,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Background upkeep: evicts idle admission buckets and expired keyed refusals,
-/// drains histograms, refreshes SKU gauges. Stops with the server.
+/// Background upkeep: evicts idle admission buckets, drains histograms, refreshes
+/// SKU gauges. Stops with the server.
 fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut evict = tokio::time::interval(EVICT_INTERVAL);
@@ -152,11 +151,7 @@ fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
                     // Sweeping millions of buckets takes a while: keep it off the
                     // workers that answer buyers.
                     let state = state.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        state.admission.evict_idle();
-                        state.refused_keys.purge(std::time::Instant::now());
-                    })
-                    .await;
+                    let _ = tokio::task::spawn_blocking(move || state.admission.evict_idle()).await;
                 }
                 _ = upkeep.tick() => {
                     state.metrics.run_upkeep();
@@ -164,7 +159,6 @@ fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs() as i64);
                     state.callbacks_seen.purge(now);
-                    ::metrics::gauge!(IDEMPOTENT_REFUSALS).set(state.refused_keys.len() as f64);
                     if let Some(engine) = state.engine_if_ready() {
                         state.sku_gauges.refresh(engine);
                     }

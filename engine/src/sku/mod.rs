@@ -140,6 +140,11 @@ impl Sku {
         &self.id
     }
 
+    /// Whether a reservation was made under this idempotency key.
+    pub fn knows_idempotency_key(&self, key: &IdempotencyKey) -> bool {
+        self.idempotency_index.contains_key(key)
+    }
+
     pub fn def(&self) -> &SkuDef {
         &self.def
     }
@@ -927,6 +932,18 @@ impl Sku {
         }
         if self.ended_queue.len() != ended {
             return Err("ended queue holds orders that have not ended".into());
+        }
+        // Pruning drops keys with their orders: none may point at a missing order.
+        for (key, id) in &self.idempotency_index {
+            let holds_key = self
+                .orders
+                .get(id)
+                .is_some_and(|order| order.idempotency.as_ref().is_some_and(|(k, _)| k == key));
+            if !holds_key {
+                return Err(format!(
+                    "idempotency key {key} points at order {id}, which does not hold it"
+                ));
+            }
         }
         let available_cards = self
             .cards

@@ -59,9 +59,6 @@ pub enum ApiError {
     Unavailable(String),
     /// A bug or an unexpected failure; details go to the log, not to the client.
     Internal(String),
-    /// The answer an earlier request with the same `Idempotency-Key` got, again;
-    /// marked with `Idempotent-Replayed: true`.
-    Replayed(Box<ApiError>),
 }
 
 #[derive(Serialize)]
@@ -97,7 +94,6 @@ impl ApiError {
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Replayed(earlier) => earlier.status(),
         }
     }
 
@@ -124,7 +120,6 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
-            ApiError::Replayed(earlier) => earlier.code(),
         }
     }
 
@@ -162,7 +157,6 @@ impl ApiError {
             }
             ApiError::Overloaded => "the node is at capacity; retry shortly".into(),
             ApiError::Internal(_) => "internal error".into(),
-            ApiError::Replayed(earlier) => earlier.message(),
         }
     }
 
@@ -171,7 +165,6 @@ impl ApiError {
             ApiError::RateLimited(r) => Some(r.retry_after),
             ApiError::Overloaded => Some(RETRY_AFTER_OVERLOADED),
             ApiError::Unavailable(_) => Some(RETRY_AFTER_UNAVAILABLE),
-            ApiError::Replayed(earlier) => earlier.retry_after(),
             _ => None,
         }
     }
@@ -232,11 +225,6 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, retry_after_value(wait));
-        }
-        if matches!(self, ApiError::Replayed(_)) {
-            response
-                .headers_mut()
-                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         }
         response
     }

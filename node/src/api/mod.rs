@@ -53,8 +53,6 @@ pub struct Shared {
     pub admin_token_digest: [u8; 32],
     pub payment_secret: Vec<u8>,
     pub callbacks_seen: crate::signature::ReplayGuard,
-    /// Refusals of keyed orders, answered again to their retries.
-    pub refused_keys: crate::refusals::RefusedKeys,
     pub metrics: PrometheusHandle,
     pub sku_gauges: SkuGauges,
 }
@@ -83,7 +81,6 @@ impl AppState {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64),
             ),
-            refused_keys: crate::refusals::RefusedKeys::default(),
             metrics,
             sku_gauges: SkuGauges::default(),
         }))

@@ -13,7 +13,6 @@
 //! force.
 
 use std::fmt::Write as _;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
@@ -21,8 +20,8 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keydrop_engine::{
-    DeviceId, EngineError, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation,
-    SkuError, SkuStatus, UserId,
+    DeviceId, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation, SkuError,
+    SkuStatus, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +30,6 @@ use super::extract::{header_text, parse_json, read_body, ClientIp, OrderPath, Sk
 use super::{push_rfc3339, rfc3339, AppState};
 use crate::admission::Rejected;
 use crate::metrics::{ADMISSION_REFUSALS, ORDERS_SHED, ORDER_OUTCOMES, OVERLOAD_SHED};
-use crate::refusals::{Earlier, RefusedKeys};
 
 /// An order body is `{"user_id": "<≤ 128 bytes>"}`; 16 KiB is generous.
 pub const ORDER_BODY_BYTES_MAX: usize = 16 * 1024;
@@ -174,16 +172,6 @@ async fn reserve(
         let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
         (key, RequestFingerprint::of(&[&body, device_bytes]))
     });
-    if let Some((key, fingerprint)) = &idempotency {
-        match state
-            .refused_keys
-            .earlier(&sku, key, fingerprint, Instant::now())
-        {
-            Earlier::None => {}
-            Earlier::Refused(error) => return Err(ApiError::Replayed(Box::new(error.into()))),
-            Earlier::OtherRequest => return Err(ApiError::IdempotencyKeyReused),
-        }
-    }
     // Shed orders for a sold-out SKU here, without a trip to its actor. A request
     // with an Idempotency-Key goes through: it may be the retry of an order that
     // got a card, and must get its original answer back.
@@ -203,8 +191,7 @@ async fn reserve(
         }
         Some(_) => {}
     }
-    let keyed = idempotency.clone();
-    let reserved = engine
+    let view = engine
         .reserve(
             &sku,
             Reservation {
@@ -213,17 +200,8 @@ async fn reserve(
                 idempotency,
             },
         )
-        .await;
-    if let (Err(EngineError::Sku(refusal)), Some((key, fingerprint))) = (&reserved, keyed) {
-        if RefusedKeys::is_final(refusal)
-            && !state
-                .refused_keys
-                .remember(&sku, &key, fingerprint, refusal, Instant::now())
-        {
-            tracing::debug!(sku = %sku, "keyed refusal not remembered: the table is full");
-        }
-    }
-    Ok(reserved?)
+        .await?;
+    Ok(view)
 }
 
 fn admitted_order(
