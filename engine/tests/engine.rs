@@ -628,6 +628,8 @@ async fn a_full_journal_queue_refuses_at_once_and_loses_nothing_that_got_in() {
         "the journal queue filled: {}",
         o.engine.journal_queue_depth()
     );
+    // The actors go on taking their mailboxes meanwhile, refusing what they take.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut late = Box::pin(o.engine.reserve(&ids[0], buyer("late")));
     assert!(
         matches!(
@@ -646,11 +648,10 @@ async fn a_full_journal_queue_refuses_at_once_and_loses_nothing_that_got_in() {
             Err(other) => panic!("{other:?}"),
         }
     }
+    // How many of those still in a mailbox when the queue filled were refused, and
+    // how many got in once the disk was back, is up to the scheduler.
     assert_eq!(reserved + overloaded, skus * per_sku);
-    assert!(
-        overloaded > 0 && reserved <= JOURNAL_QUEUE_DEPTH_MAX,
-        "{reserved} reserved"
-    );
+    assert!(overloaded > 0, "{reserved} reserved");
     let held: u64 = ids
         .iter()
         .map(|id| o.engine.sku(id).unwrap().counts.reserved)

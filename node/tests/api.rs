@@ -240,7 +240,7 @@ async fn a_refused_keyed_order_is_answered_the_same_to_its_retries() {
     assert_eq!(node.send(keyed("r2", "dave", "kd-2")).await, limited);
 
     // Too early: refused now, served by the same key once the sale opens.
-    let opens = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let opens = chrono::Utc::now() + chrono::Duration::seconds(3);
     let mut early = on_sale(500, 1, 600);
     early["starts_at"] = json!(opens.to_rfc3339());
     node.sku_with_cards("r3", early, &cards("e", 2)).await;
