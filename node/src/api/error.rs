@@ -10,15 +10,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keydrop_engine::{EngineError, SkuError};
 use serde::Serialize;
 
 use crate::admission::Rejected;
-
-/// Marks an answer given again to a retry with the same `Idempotency-Key`.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// What to wait before retrying after an overload or an outage.
 const RETRY_AFTER_OVERLOADED: Duration = Duration::from_secs(1);

@@ -25,7 +25,7 @@ use keydrop_engine::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, IDEMPOTENT_REPLAYED};
+use super::error::ApiError;
 use super::extract::{header_text, parse_json, read_body, ClientIp, OrderPath, SkuPath};
 use super::{push_rfc3339, rfc3339, AppState};
 use crate::admission::Rejected;
@@ -107,7 +107,7 @@ pub async fn create_order(State(state): State<AppState>, request: Request) -> Re
             if view.replayed {
                 response
                     .headers_mut()
-                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
             }
             response
         }
@@ -168,16 +168,12 @@ async fn reserve(
         state.admission.check_device(device).map_err(rate_limited)?;
     }
     state.admission.check_user(&user).map_err(rate_limited)?;
-    let idempotency = key.map(|key| {
-        let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
-        (key, RequestFingerprint::of(&[&body, device_bytes]))
-    });
     // Shed orders for a sold-out SKU here, without a trip to its actor. A request
     // with an Idempotency-Key goes through: it may be the retry of an order that
     // got a card, and must get its original answer back.
     match engine.available_hint(&sku) {
         None => return Err(ApiError::SkuNotFound),
-        Some(0) if idempotency.is_none() => {
+        Some(0) if key.is_none() => {
             metrics::counter!(ORDERS_SHED).increment(1);
             // Out of stock, but a SKU outside its sale window answers as the actor
             // would: not on sale, whatever its stock.
@@ -191,6 +187,10 @@ async fn reserve(
         }
         Some(_) => {}
     }
+    let idempotency = key.map(|key| {
+        let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
+        (key, RequestFingerprint::of(&[&body, device_bytes]))
+    });
     let view = engine
         .reserve(
             &sku,
