@@ -274,14 +274,8 @@ impl Sku {
             Command::ExpireDue => {
                 let due = self.due_orders(now);
                 let count = due.len();
-                let events = if due.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Event::Expired {
-                        order_ids: due,
-                        at: now,
-                    }]
-                };
+                let events =
+                    event_unless_empty(due, |order_ids| Event::Expired { order_ids, at: now });
                 self.commit(Reply::Expired { count }, events)
             }
             Command::Reseal(cards) => {
@@ -292,24 +286,14 @@ impl Sku {
                     }
                 }
                 let count = resealed.len();
-                let events = if resealed.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Event::Resealed { cards: resealed }]
-                };
+                let events = event_unless_empty(resealed, |cards| Event::Resealed { cards });
                 self.commit(Reply::Resealed { count }, events)
             }
             Command::PruneEnded { kept_for_ms } => {
                 let prunable = self.prunable_orders(kept_for_ms, now);
                 let count = prunable.len();
-                let events = if prunable.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Event::Pruned {
-                        order_ids: prunable,
-                        at: now,
-                    }]
-                };
+                let events =
+                    event_unless_empty(prunable, |order_ids| Event::Pruned { order_ids, at: now });
                 self.commit(Reply::Pruned { count }, events)
             }
         }
@@ -1071,6 +1055,16 @@ impl Sku {
         }
         sku.check_invariants()?;
         Ok(sku)
+    }
+}
+
+/// The event carrying `items`, or none when there are none: a pass that changed
+/// nothing writes nothing.
+fn event_unless_empty<T>(items: Vec<T>, event: impl FnOnce(Vec<T>) -> Event) -> Vec<Event> {
+    if items.is_empty() {
+        Vec::new()
+    } else {
+        vec![event(items)]
     }
 }
 
