@@ -79,8 +79,7 @@ async fn restart_without_clean_shutdown_replays_the_journal() {
     let mut orders = Vec::new();
     {
         let o = open(dir.path(), &clock, &[KEY_A]).await;
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        o.engine.import_cards(&id, cards("N", 0..20)).await.unwrap();
+        o.stocked(&id, cards("N", 0..20)).await;
         for i in 0..15 {
             orders.push(
                 o.engine
@@ -172,8 +171,7 @@ async fn idempotent_retry_returns_the_original_order() {
     let dir = tempfile::tempdir().unwrap();
     let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
     let id = sku("idem");
-    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-    o.engine.import_cards(&id, cards("I", 0..5)).await.unwrap();
+    o.stocked(&id, cards("I", 0..5)).await;
     let request = |fp: u8| Reservation {
         user: UserId::parse("u").unwrap(),
         device: None,
@@ -203,8 +201,7 @@ async fn failed_write_is_not_acknowledged_and_memory_matches_disk() {
     let kept;
     {
         let o = open(dir.path(), &clock, &[KEY_A]).await;
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        o.engine.import_cards(&id, cards("F", 0..5)).await.unwrap();
+        o.stocked(&id, cards("F", 0..5)).await;
         kept = o
             .engine
             .reserve(&id, buyer("keeper"))
@@ -257,8 +254,7 @@ async fn a_sku_that_cannot_reload_answers_nothing_from_memory() {
     let order_id;
     {
         let o = open(dir.path(), &clock, &[KEY_A]).await;
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        o.engine.import_cards(&id, cards("U", 0..3)).await.unwrap();
+        o.stocked(&id, cards("U", 0..3)).await;
         order_id = o
             .engine
             .reserve(&id, buyer("payer"))
@@ -315,11 +311,7 @@ async fn key_rotation_reseals_every_card() {
     let order_id;
     {
         let o = open(dir.path(), &clock, &[KEY_A]).await;
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        o.engine
-            .import_cards(&id, cards("R", 0..2500))
-            .await
-            .unwrap();
+        o.stocked(&id, cards("R", 0..2500)).await;
         order_id = o.engine.reserve(&id, buyer("u")).await.unwrap().order_id;
         o.engine
             .confirm_payment(&order_id, PaymentRef::parse("p").unwrap(), 5_000)
@@ -348,8 +340,7 @@ async fn a_sku_moves_between_engines_with_its_orders() {
     let clock = manual_clock();
     let id = sku("moving");
     let a = open(from.path(), &clock, &[KEY_A]).await;
-    a.engine.define_sku(id.clone(), def(60)).await.unwrap();
-    a.engine.import_cards(&id, cards("M", 0..50)).await.unwrap();
+    a.stocked(&id, cards("M", 0..50)).await;
     let order_id = a.engine.reserve(&id, buyer("u")).await.unwrap().order_id;
     a.engine
         .confirm_payment(&order_id, PaymentRef::parse("p").unwrap(), 5_000)
@@ -402,8 +393,7 @@ async fn corrupt_journal_record_is_reported_not_obeyed() {
     let id = sku("corrupt");
     {
         let o = open(dir.path(), &clock, &[KEY_A]).await;
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        o.engine.import_cards(&id, cards("X", 0..3)).await.unwrap();
+        o.stocked(&id, cards("X", 0..3)).await;
         o.engine.reserve(&id, buyer("u")).await.unwrap();
         o.engine.halt().await;
     }
@@ -441,11 +431,7 @@ async fn no_secret_reaches_the_rocksdb_files() {
     let id = sku("at-rest");
     {
         let o = open(dir.path(), &clock, &[KEY_A]).await;
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        o.engine
-            .import_cards(&id, cards("Z", 0..200))
-            .await
-            .unwrap();
+        o.stocked(&id, cards("Z", 0..200)).await;
         let order_id = o.engine.reserve(&id, buyer("u")).await.unwrap().order_id;
         o.engine
             .confirm_payment(&order_id, PaymentRef::parse("p").unwrap(), 5_000)
@@ -531,11 +517,7 @@ async fn a_full_mailbox_refuses_at_once_and_loses_nothing_that_got_in() {
     let clock = manual_clock();
     let o = open(dir.path(), &clock, &[KEY_A]).await;
     let id = sku("crowded");
-    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-    o.engine
-        .import_cards(&id, cards("M", 0..100))
-        .await
-        .unwrap();
+    o.stocked(&id, cards("M", 0..100)).await;
     let first = o.engine.reserve(&id, buyer("first")).await.unwrap();
 
     // On one thread the actor takes nothing from its mailbox until this task waits:
@@ -596,12 +578,8 @@ async fn a_full_journal_queue_refuses_at_once_and_loses_nothing_that_got_in() {
     assert!(skus * per_sku > JOURNAL_QUEUE_DEPTH_MAX && per_sku < ACTOR_MAILBOX_DEPTH_MAX);
     let ids: Vec<_> = (0..skus).map(|n| sku(&format!("stalled-{n}"))).collect();
     for (n, id) in ids.iter().enumerate() {
-        o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-        let prefix = format!("J{n}");
-        o.engine
-            .import_cards(id, cards(&prefix, 0..per_sku as u32))
-            .await
-            .unwrap();
+        o.stocked(id, cards(&format!("J{n}"), 0..per_sku as u32))
+            .await;
     }
 
     o.fault.hold_writes();
@@ -672,8 +650,7 @@ async fn a_repeated_refused_payment_is_answered_once_its_record_is_durable() {
     let clock = manual_clock();
     let o = open(dir.path(), &clock, &[KEY_A]).await;
     let id = sku("retried");
-    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-    o.engine.import_cards(&id, cards("P", 0..2)).await.unwrap();
+    o.stocked(&id, cards("P", 0..2)).await;
     let order_id = o.engine.reserve(&id, buyer("gone")).await.unwrap().order_id;
     o.engine.cancel(&order_id).await.unwrap();
 
@@ -718,8 +695,7 @@ async fn the_published_view_shows_only_durable_changes() {
     let clock = manual_clock();
     let o = open(dir.path(), &clock, &[KEY_A]).await;
     let id = sku("shown");
-    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-    o.engine.import_cards(&id, cards("V", 0..2)).await.unwrap();
+    o.stocked(&id, cards("V", 0..2)).await;
 
     o.fault.hold_writes();
     let mut reservation = Box::pin(o.engine.reserve(&id, buyer("early")));
@@ -762,8 +738,7 @@ async fn ended_orders_are_forgotten_after_their_retention() {
     let clock = manual_clock();
     let id = sku("churn");
     let o = open(dir.path(), &clock, &[KEY_A]).await;
-    o.engine.define_sku(id.clone(), def(60)).await.unwrap();
-    o.engine.import_cards(&id, cards("C", 0..5)).await.unwrap();
+    o.stocked(&id, cards("C", 0..5)).await;
     let paid = o
         .engine
         .reserve(&id, buyer("payer"))

@@ -53,6 +53,14 @@ pub struct Opened {
     pub fault: FaultInjector,
 }
 
+impl Opened {
+    /// Defines `id` with 60 s reservations and imports `cards` into it.
+    pub async fn stocked(&self, id: &SkuId, cards: Vec<(CardSerial, CardSecret)>) {
+        self.engine.define_sku(id.clone(), def(60)).await.unwrap();
+        self.engine.import_cards(id, cards).await.unwrap();
+    }
+}
+
 pub async fn open(dir: &Path, clock: &ManualClock, keys: &[[u8; 32]]) -> Opened {
     let fault = FaultInjector::default();
     let mut config = EngineConfig::new(dir.join("db"), ring(keys));
