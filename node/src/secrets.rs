@@ -71,7 +71,10 @@ pub fn load(config: &Config) -> Result<Secrets> {
 fn checked(value: &str, what: &str) -> Result<String> {
     let value = value.trim();
     if value.len() < SECRET_BYTES_MIN {
-        bail!("the {what} must be at least {SECRET_BYTES_MIN} bytes long");
+        bail!(
+            "the {what} holds {} bytes, fewer than the {SECRET_BYTES_MIN} a secret needs",
+            value.len()
+        );
     }
     Ok(value.to_owned())
 }
@@ -121,14 +124,12 @@ fn dev_secret(dir: &Path, name: &str, generate: impl FnOnce() -> String) -> Resu
         }
     };
     // An empty payment secret would be an HMAC key anyone can sign with.
-    if value.len() < SECRET_BYTES_MIN {
-        bail!(
-            "{} holds {} bytes, fewer than the {SECRET_BYTES_MIN} a secret needs; delete it to have a new one generated, or set the secret through the environment",
-            path.display(),
-            value.len()
-        );
-    }
-    Ok(value)
+    checked(&value, name).map_err(|error| {
+        anyhow::anyhow!(
+            "{}: {error}; delete it to have a new one generated, or set the secret through the environment",
+            path.display()
+        )
+    })
 }
 
 fn read_secret_file(path: &PathBuf) -> Result<Option<String>> {
