@@ -12,14 +12,6 @@ use keydrop_engine::{
     SkuError, UserId,
 };
 
-fn buyer(name: &str) -> Reservation {
-    Reservation {
-        user: UserId::parse(name).unwrap(),
-        device: None,
-        idempotency: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_purchase_survives_restart() {
     let dir = tempfile::tempdir().unwrap();

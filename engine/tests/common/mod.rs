@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use keydrop_engine::journal::FaultInjector;
 use keydrop_engine::{
-    CardSecret, CardSerial, Clock, Engine, EngineConfig, KeyRing, ManualClock, SkuDef, SkuId,
-    Timestamp,
+    CardSecret, CardSerial, Clock, Engine, EngineConfig, KeyRing, ManualClock, Reservation, SkuDef,
+    SkuId, Timestamp, UserId,
 };
 
 pub const T0: u64 = 1_800_000_000_000;
@@ -45,6 +45,15 @@ pub fn cards(prefix: &str, range: std::ops::Range<u32>) -> Vec<(CardSerial, Card
             )
         })
         .collect()
+}
+
+/// A reservation by user `name`, with no device and no idempotency key.
+pub fn buyer(name: &str) -> Reservation {
+    Reservation {
+        user: UserId::parse(name).unwrap(),
+        device: None,
+        idempotency: None,
+    }
 }
 
 pub struct Opened {
