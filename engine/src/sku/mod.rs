@@ -90,6 +90,7 @@ pub struct Sku {
     idempotency_index: FastMap<IdempotencyKey, OrderId>,
     expiry_queue: BTreeSet<(Timestamp, OrderId)>,
     /// Ended orders by the time they ended, oldest first: what pruning looks at.
+    /// Orders holding a refused payment are left out: they stay for the refund.
     ended_queue: BTreeSet<(Timestamp, OrderId)>,
     /// The latest `now` seen; time never runs backwards inside the machine.
     last_now: Timestamp,
@@ -299,18 +300,13 @@ impl Sku {
         }
     }
 
-    /// Ended orders at least `kept_for_ms` old that hold no refused payment, oldest
-    /// first, up to the batch limit.
+    /// Ended orders at least `kept_for_ms` old (none holds a refused payment: those
+    /// are not queued), oldest first, up to the batch limit.
     fn prunable_orders(&self, kept_for_ms: u64, now: Timestamp) -> Vec<OrderId> {
         let ended_before = now.as_millis().saturating_sub(kept_for_ms);
         self.ended_queue
             .iter()
             .take_while(|(ended_at, _)| ended_at.as_millis() <= ended_before)
-            .filter(|(_, id)| {
-                self.orders
-                    .get(id)
-                    .is_some_and(|order| order.refused_payments.is_empty())
-            })
             .map(|&(_, id)| id)
             .take(PRUNE_BATCH_ORDERS_MAX)
             .collect()
@@ -675,6 +671,10 @@ impl Sku {
                     reason: *reason,
                     at: *at,
                 });
+                // Kept for the refund from now on: no longer for pruning to look at.
+                if let Some(ended_at) = ended_at(&order.status) {
+                    self.ended_queue.remove(&(ended_at, *order_id));
+                }
                 self.touch(*at);
             }
             Event::Cancelled { order_id, at } => {
@@ -802,7 +802,9 @@ impl Sku {
         let ended = ended_at(&status).expect("an order is released to an ended status");
         order.status = status;
         let (card, expires_at) = (order.card, order.expires_at);
-        self.ended_queue.insert((ended, order_id));
+        if order.refused_payments.is_empty() {
+            self.ended_queue.insert((ended, order_id));
+        }
         let (user, device) = (order.user.clone(), order.device.clone());
         self.expiry_queue.remove(&(expires_at, order_id));
         let card_state = &mut self.cards[card as usize].state;
@@ -905,17 +907,18 @@ impl Sku {
         if self.expiry_queue.len() as u64 != reserved {
             return Err("expiry queue holds orders that are not reserved".into());
         }
-        let mut ended = 0usize;
+        let mut prunable = 0usize;
         for order in self.orders.values() {
-            if let Some(at) = ended_at(&order.status) {
-                ended += 1;
+            if let Some(at) = ended_at(&order.status).filter(|_| order.refused_payments.is_empty())
+            {
+                prunable += 1;
                 if !self.ended_queue.contains(&(at, order.id)) {
                     return Err(format!("ended order {} missing from ended queue", order.id));
                 }
             }
         }
-        if self.ended_queue.len() != ended {
-            return Err("ended queue holds orders that have not ended".into());
+        if self.ended_queue.len() != prunable {
+            return Err("ended queue holds orders that have not ended or hold a refund".into());
         }
         // Pruning drops keys with their orders: none may point at a missing order.
         for (key, id) in &self.idempotency_index {
@@ -1032,7 +1035,9 @@ impl Sku {
                 }
                 OrderStatus::Paid { .. } => sku.sold_count += 1,
                 OrderStatus::Expired { at } | OrderStatus::Cancelled { at } => {
-                    sku.ended_queue.insert((at, order.id));
+                    if order.refused_payments.is_empty() {
+                        sku.ended_queue.insert((at, order.id));
+                    }
                 }
             }
             if matches!(
