@@ -31,14 +31,6 @@ pub enum CodecError {
     Key,
 }
 
-fn seal_record(payload: Vec<u8>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    out
-}
-
 fn open_record(bytes: &[u8]) -> Result<&[u8], CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::Truncated(bytes.len()));
@@ -54,8 +46,21 @@ fn open_record(bytes: &[u8]) -> Result<&[u8], CodecError> {
     Ok(payload)
 }
 
+/// Room for a typical journal record (one command's events), so encoding one
+/// allocates once.
+const TYPICAL_RECORD_BYTES: usize = 128;
+
+/// The payload is serialised straight after a header whose checksum is filled in
+/// last: one buffer per record, not a growing payload copied behind a header. Every
+/// order pays for this on the actor's thread.
 fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    seal_record(postcard::to_allocvec(value).expect("in-memory serialisation cannot fail"))
+    let mut record = Vec::with_capacity(TYPICAL_RECORD_BYTES);
+    record.extend_from_slice(&[FORMAT_VERSION, 0, 0, 0, 0]);
+    let mut record =
+        postcard::to_extend(value, record).expect("in-memory serialisation cannot fail");
+    let checksum = crc32fast::hash(&record[HEADER_LEN..]);
+    record[1..HEADER_LEN].copy_from_slice(&checksum.to_le_bytes());
+    record
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
@@ -162,6 +167,25 @@ mod tests {
     fn events_round_trip() {
         let events = sample();
         assert_eq!(decode_events(&encode_events(&events)).unwrap(), events);
+    }
+
+    /// The layout in the module comment, byte for byte, for a record that fits the
+    /// first buffer and for one that outgrows it.
+    #[test]
+    fn records_are_version_then_checksum_then_postcard_payload() {
+        let small = sample();
+        let large = vec![7u32; 4 * TYPICAL_RECORD_BYTES];
+        for (record, payload) in [
+            (encode(&small), postcard::to_allocvec(&small).unwrap()),
+            (encode(&large), postcard::to_allocvec(&large).unwrap()),
+        ] {
+            assert_eq!(record[0], FORMAT_VERSION);
+            assert_eq!(
+                record[1..HEADER_LEN],
+                crc32fast::hash(&payload).to_le_bytes()
+            );
+            assert_eq!(record[HEADER_LEN..], payload[..]);
+        }
     }
 
     #[test]
