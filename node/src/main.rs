@@ -1,25 +1,6 @@
 //! `keydrop`: the node (`keydrop serve`) and the operator's tools (`keydrop sku …`,
-//! `keydrop order …`), in one binary.
-//!
-//! Layout: [`cli`] is the command line; [`config`] and [`secrets`] what a node
-//! starts from; [`server`] binds, recovers and drains; [`api`] the HTTP routes, one
-//! file per group, with the one error type in `api/error.rs`; [`admission`] the
-//! token buckets and the overload gate, fed by [`lag`]; [`platform`] the one OS
-//! setting (huge pages); [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
-//! [`client`] the operator commands. This file only parses and wires.
-
-mod admission;
-mod api;
-mod cli;
-mod client;
-mod config;
-mod lag;
-mod metrics;
-mod order_slots;
-mod platform;
-mod secrets;
-mod server;
-mod signature;
+//! `keydrop order …`), in one binary. The node itself is the library (`lib.rs`);
+//! this file parses the command line, sets up logging and the runtime, and wires.
 
 /// mimalloc: the purchase path allocates many small, short-lived objects across
 /// threads; with glibc's malloc, allocation was about 15% of the engine's CPU profile.
@@ -32,8 +13,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
-use crate::config::{Config, LogFormat};
+use keydrop_node::{Cli, Command, Config, LogFormat};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -42,7 +22,7 @@ fn main() -> Result<()> {
             let config = Config::load(config.as_deref())?;
             init_logging(&config.log, config.log_format)?;
             // Before the runtime and the engine allocate anything large.
-            match platform::set_transparent_huge_pages(config.transparent_huge_pages) {
+            match keydrop_node::set_transparent_huge_pages(config.transparent_huge_pages) {
                 Ok(()) => tracing::info!(
                     enabled = config.transparent_huge_pages,
                     "transparent huge pages set for this process"
@@ -61,16 +41,16 @@ fn main() -> Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal()?;
-                server::run(config, shutdown).await
+                keydrop_node::serve(config, shutdown).await
             })
         }
         Command::Sku(command) => {
             init_logging("warn", LogFormat::Text)?;
-            client::run_sku(command)
+            keydrop_node::run_sku(command)
         }
         Command::Order(command) => {
             init_logging("warn", LogFormat::Text)?;
-            client::run_order(command)
+            keydrop_node::run_order(command)
         }
     }
 }

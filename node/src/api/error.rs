@@ -120,7 +120,7 @@ impl ApiError {
         }
     }
 
-    fn message(&self) -> String {
+    pub fn message(&self) -> String {
         match self {
             ApiError::InvalidRequest(m)
             | ApiError::PurchaseLimit(m)

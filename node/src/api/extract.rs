@@ -158,7 +158,7 @@ pub fn token_digest(token: &[u8]) -> [u8; 32] {
 
 /// The token of an `Authorization: Bearer <token>` value. The scheme's name is
 /// case-insensitive (RFC 9110, 11.1), and blanks around the token are not part of it.
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let scheme_end = value.iter().position(|&b| b == b' ' || b == b'\t')?;
     let (scheme, rest) = value.split_at(scheme_end);
     let token = rest.trim_ascii();

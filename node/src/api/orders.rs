@@ -143,6 +143,12 @@ fn reserved_body(view: &OrderView) -> String {
 /// The 201 body's length without the SKU id and with a 10-digit price.
 const RESERVED_BODY_LEN_TYPICAL: usize = 140;
 
+/// An order body, `{"user_id"}`.
+pub fn parse_order_body(body: &[u8]) -> Result<UserId, ApiError> {
+    let OrderBody { user_id } = parse_json(body)?;
+    UserId::parse(user_id).map_err(|e| ApiError::invalid(format!("user_id: {e}")))
+}
+
 async fn reserve(
     state: &AppState,
     ip: std::net::IpAddr,
@@ -154,8 +160,7 @@ async fn reserve(
     state.admission.check_ip(ip).map_err(rate_limited)?;
     let SkuPath(sku) = sku?;
     let body = read_body(headers, body, ORDER_BODY_BYTES_MAX).await?;
-    let OrderBody { user_id } = parse_json(&body)?;
-    let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(format!("user_id: {e}")))?;
+    let user = parse_order_body(&body)?;
     let device = header_text(headers, &DEVICE_ID)?
         .map(DeviceId::parse)
         .transpose()

@@ -33,6 +33,18 @@ pub struct PaidJson {
     status: &'static str,
 }
 
+/// A callback body, `{"payment_ref", "amount_cents"}`; read only once its signature
+/// has been checked.
+pub fn parse_payment_body(body: &[u8]) -> Result<(PaymentRef, u64), ApiError> {
+    let PaymentBody {
+        payment_ref,
+        amount_cents,
+    } = parse_json(body)?;
+    let payment_ref = PaymentRef::parse(payment_ref)
+        .map_err(|e| ApiError::invalid(format!("payment_ref: {e}")))?;
+    Ok((payment_ref, amount_cents))
+}
+
 pub async fn confirm_payment(
     State(state): State<AppState>,
     order: Result<OrderPath, ApiError>,
@@ -61,12 +73,7 @@ pub async fn confirm_payment(
         metrics::counter!(PAYMENTS, "outcome" => "bad_signature").increment(1);
         return Err(ApiError::BadSignature);
     }
-    let PaymentBody {
-        payment_ref,
-        amount_cents,
-    } = parse_json(&body)?;
-    let payment_ref = PaymentRef::parse(payment_ref)
-        .map_err(|e| ApiError::invalid(format!("payment_ref: {e}")))?;
+    let (payment_ref, amount_cents) = parse_payment_body(&body)?;
     let outcome = engine
         .confirm_payment(&order_id, payment_ref.clone(), amount_cents)
         .await;

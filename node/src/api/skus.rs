@@ -109,6 +109,11 @@ impl SkuJson {
     }
 }
 
+/// A `PUT /v1/skus/{sku}` body as a definition; the engine validates it further.
+pub fn parse_sku_body(body: &[u8]) -> Result<SkuDef, ApiError> {
+    parse_json::<SkuBody>(body)?.into_def()
+}
+
 pub async fn put_sku(
     State(state): State<AppState>,
     _admin: Admin,
@@ -118,7 +123,7 @@ pub async fn put_sku(
 ) -> Result<(StatusCode, Json<SkuJson>), ApiError> {
     let engine = state.engine()?;
     let body = read_body(&headers, body, SKU_BODY_BYTES_MAX).await?;
-    let def = parse_json::<SkuBody>(&body)?.into_def()?;
+    let def = parse_sku_body(&body)?;
     let (view, created) = engine.define_sku(sku, def).await?;
     let status = if created {
         StatusCode::CREATED
@@ -209,9 +214,17 @@ async fn import_json(
     body: LimitedBody,
 ) -> Result<ImportJson, ApiError> {
     let body = body.collect().await?;
-    let CardsBody { cards } = parse_json(&body)?;
+    let cards = parse_json_cards(&body)?;
     drop(body);
-    let cards = cards
+    let mut total = ImportJson::default();
+    total.add(engine.import_cards(sku, cards).await?);
+    Ok(total)
+}
+
+/// A JSON import body: every card, or the first that is not one.
+pub fn parse_json_cards(body: &[u8]) -> Result<Vec<(CardSerial, CardSecret)>, ApiError> {
+    let CardsBody { cards } = parse_json(body)?;
+    cards
         .into_iter()
         .enumerate()
         .map(|(i, card)| {
@@ -221,10 +234,7 @@ async fn import_json(
                 .map_err(|e| ApiError::invalid(format!("cards[{i}]: {e}")))?;
             Ok((serial, secret))
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    let mut total = ImportJson::default();
-    total.add(engine.import_cards(sku, cards).await?);
-    Ok(total)
+        .collect()
 }
 
 /// Parses `serial,secret` lines as they arrive and imports them a batch at a time,
@@ -261,6 +271,21 @@ async fn import_csv(
         ))),
         Err(error) => Err(error),
     }
+}
+
+/// A whole CSV body, arriving in `chunks`, parsed as `import_csv` parses it.
+pub fn parse_csv<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<(CardSerial, CardSecret)>, ApiError> {
+    let mut parser = CsvCards::default();
+    let mut cards = Vec::new();
+    for chunk in chunks {
+        parser.feed(chunk)?;
+        cards.append(&mut parser.batch);
+    }
+    parser.finish()?;
+    cards.append(&mut parser.batch);
+    Ok(cards)
 }
 
 /// Incremental `serial,secret` line parser.

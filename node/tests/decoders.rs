@@ -1,0 +1,274 @@
+//! Every parser of what clients send, fed arbitrary and near-valid input: a result or
+//! an error, never a panic, and the properties each route relies on. The cargo-fuzz
+//! targets in `fuzz/` explore further; these run in every test pass.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use hmac::{Hmac, Mac};
+use keydrop_node::decoders;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+const SECRET: &[u8] = b"payment-secret-for-decoder-tests";
+const NOW: i64 = 1_900_000_000;
+
+fn signed(t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A JSON value of any shape, biased to the kinds request fields hold.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(|f| json!(f)),
+        ".{0,40}".prop_map(Value::from),
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})"
+            .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(2, 8, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map("[a-z_]{1,12}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A valid value for a field, or now and then any JSON value, or none at all.
+fn field(valid: impl Strategy<Value = Value> + 'static) -> BoxedStrategy<Option<Value>> {
+    prop_oneof![
+        18 => valid.prop_map(Some),
+        1 => json_value().prop_map(Some),
+        1 => Just(None),
+    ]
+    .boxed()
+}
+
+/// The object those fields make, now and then with a field no route knows, and now
+/// and then cut short: mostly bodies a route accepts, and near misses.
+fn body(fields: Vec<(&'static str, BoxedStrategy<Option<Value>>)>) -> BoxedStrategy<Vec<u8>> {
+    let (names, values): (Vec<_>, Vec<_>) = fields.into_iter().unzip();
+    (
+        values,
+        proptest::option::weighted(0.1, ("[a-z]{1,8}", json_value())),
+        proptest::option::weighted(0.1, any::<prop::sample::Index>()),
+    )
+        .prop_map(move |(values, stranger, cut)| {
+            let mut object = serde_json::Map::new();
+            for (name, value) in names.iter().zip(values) {
+                if let Some(value) = value {
+                    object.insert(name.to_string(), value);
+                }
+            }
+            if let Some((name, value)) = stranger {
+                object.insert(name, value);
+            }
+            let mut bytes = serde_json::to_vec(&Value::Object(object)).unwrap();
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            bytes
+        })
+        .boxed()
+}
+
+/// Mostly small, and now and then any `u64`, the largest included.
+fn count() -> impl Strategy<Value = Value> {
+    prop_oneof![8 => 0u64..20, 1 => any::<u64>(), 1 => Just(u64::MAX)].prop_map(Value::from)
+}
+
+fn rfc3339_text() -> impl Strategy<Value = Value> {
+    "20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-](0[0-9]|1[0-4]):[0-5][0-9])"
+        .prop_map(Value::from)
+}
+
+fn sku_body() -> BoxedStrategy<Vec<u8>> {
+    body(vec![
+        ("name", field("[ -~]{1,140}".prop_map(Value::from))),
+        ("price_cents", field(count())),
+        ("per_user_limit", field(count())),
+        (
+            "per_device_limit",
+            field(prop_oneof![Just(Value::Null), count()]),
+        ),
+        (
+            "reservation_ttl_secs",
+            field(prop_oneof![8 => (1u64..10_000).prop_map(Value::from), 1 => count()]),
+        ),
+        ("starts_at", field(rfc3339_text())),
+        ("ends_at", field(rfc3339_text())),
+        ("low_stock_threshold", field(count())),
+    ])
+}
+
+fn order_body() -> BoxedStrategy<Vec<u8>> {
+    body(vec![(
+        "user_id",
+        field(prop_oneof!["[ -~]{1,130}", ".{0,40}"].prop_map(Value::from)),
+    )])
+}
+
+fn payment_body() -> BoxedStrategy<Vec<u8>> {
+    body(vec![
+        ("payment_ref", field("[ -~]{0,140}".prop_map(Value::from))),
+        ("amount_cents", field(count())),
+    ])
+}
+
+fn cards_body() -> BoxedStrategy<Vec<u8>> {
+    let card = (".{0,140}", ".{0,40}")
+        .prop_map(|(serial, secret)| json!({ "serial": serial, "secret": secret }));
+    body(vec![(
+        "cards",
+        field(prop::collection::vec(card, 0..8).prop_map(Value::from)),
+    )])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn request_bodies_parse_or_are_refused(
+        sku in sku_body(),
+        order in order_body(),
+        payment in payment_body(),
+        cards in cards_body(),
+        raw in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        for body in [&sku, &raw] {
+            if let Ok(def) = decoders::sku_definition(body) {
+                prop_assert!(def.reservation_ttl_ms % 1000 == 0);
+            }
+        }
+        for body in [&order, &raw] {
+            if let Ok(user) = decoders::order_body(body) {
+                prop_assert!(!user.as_str().is_empty() && user.as_str().len() <= 128);
+            }
+        }
+        for body in [&payment, &raw] {
+            let _ = decoders::payment_body(body);
+        }
+        for body in [&cards, &raw] {
+            let _ = decoders::json_cards(body);
+        }
+    }
+
+    /// Split anywhere, a CSV body gives the same cards, or the same refusal.
+    #[test]
+    fn csv_bodies_parse_the_same_however_they_arrive(
+        lines in prop::collection::vec(
+            prop_oneof![
+                "[A-Za-z0-9-]{1,12},[ -~]{1,30}",
+                "[ -~]{0,40}",
+                Just("\u{feff}serial,secret".to_string()),
+                Just(String::new()),
+            ],
+            0..12,
+        ),
+        line_ending in prop::sample::select(vec!["\n", "\r\n"]),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut body = lines.join(line_ending).into_bytes();
+        body.extend_from_slice(&noise);
+        let mut at: Vec<usize> = cuts.iter().map(|cut| cut.index(body.len() + 1)).collect();
+        at.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for end in at {
+            chunks.push(&body[start..end]);
+            start = end;
+        }
+        chunks.push(&body[start..]);
+        let show = |parsed: Result<Vec<(keydrop_engine::CardSerial, keydrop_engine::CardSecret)>, String>| {
+            parsed.map(|cards| {
+                cards
+                    .iter()
+                    .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let whole = show(decoders::csv_cards([&body[..]]));
+        prop_assert_eq!(&whole, &show(decoders::csv_cards(chunks)));
+        if let Ok(cards) = &whole {
+            for (serial, secret) in cards {
+                prop_assert!(!serial.is_empty() && !serial.contains(','));
+                prop_assert!(!secret.is_empty());
+            }
+        }
+    }
+
+    /// Only the exact signature of the body within the time window passes.
+    #[test]
+    fn payment_signatures_pass_only_when_they_sign_the_body(
+        body in prop::collection::vec(any::<u8>(), 0..128),
+        skew in -400i64..400,
+        flip in any::<prop::sample::Index>(),
+        header in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let t = NOW + skew;
+        let good = signed(t, &body);
+        let verdict = decoders::payment_signature(SECRET, good.as_bytes(), &body, NOW);
+        if skew.abs() <= 300 {
+            prop_assert_eq!(verdict, Ok(t));
+        } else {
+            prop_assert!(verdict.is_err());
+        }
+        let mut tampered = body.clone();
+        if tampered.is_empty() {
+            tampered.push(0);
+        } else {
+            let i = flip.index(tampered.len());
+            tampered[i] ^= 1;
+        }
+        prop_assert!(decoders::payment_signature(SECRET, good.as_bytes(), &tampered, NOW).is_err());
+        prop_assert!(decoders::payment_signature(SECRET, &header, &body, NOW).is_err());
+    }
+
+    #[test]
+    fn header_fields_parse_or_are_refused(
+        value in prop::collection::vec(any::<u8>(), 0..96),
+        time in "[ -~]{0,40}",
+        hops in prop::collection::vec(
+            prop_oneof![
+                "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(:[0-9]{1,5})?",
+                "\\[?[0-9a-f:]{2,39}\\]?(:[0-9]{1,5})?",
+                "[ -~]{0,20}",
+            ],
+            0..6,
+        ),
+        lines in 1usize..3,
+    ) {
+        if let Some(token) = decoders::bearer_token(&value) {
+            prop_assert!(!token.is_empty());
+            prop_assert_eq!(token, token.trim_ascii());
+        }
+        let _ = decoders::rfc3339(&time);
+        let joined = hops.join(",");
+        let header_lines: Vec<&[u8]> = std::iter::repeat_n(joined.as_bytes(), lines).collect();
+        let proxy = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let peer = SocketAddr::new(proxy, 40_000);
+        // A peer that is not a trusted proxy is the client, whatever the header says.
+        prop_assert_eq!(decoders::client_ip(&[], peer, header_lines.clone()), proxy);
+        let _ = decoders::client_ip(&[proxy], peer, header_lines);
+    }
+}
+
+#[test]
+fn a_trusted_proxy_forwards_the_client_it_names() {
+    let proxy = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let peer = SocketAddr::new(proxy, 40_000);
+    let client: IpAddr = "203.0.113.9".parse().unwrap();
+    assert_eq!(
+        decoders::client_ip(&[proxy], peer, [&b"198.51.100.1, 203.0.113.9:5555"[..]]),
+        client
+    );
+}
