@@ -8,7 +8,9 @@ use keydrop_engine::SkuId;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(events) = codec::decode_events(data) else { return };
+    let Ok(events) = codec::decode_events(data) else {
+        return;
+    };
     let id = SkuId::parse("fuzz").expect("valid id");
     let mut sku: Option<Sku> = None;
     for event in &events {
@@ -25,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Some(sku) = sku {
-        sku.check_invariants().expect("checked events keep every invariant");
+        sku.check_invariants()
+            .expect("checked events keep every invariant");
     }
 });

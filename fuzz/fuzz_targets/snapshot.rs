@@ -7,8 +7,11 @@ use keydrop_engine::sku::Sku;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok((_, snapshot)) = codec::decode_snapshot(data) else { return };
+    let Ok((_, snapshot)) = codec::decode_snapshot(data) else {
+        return;
+    };
     if let Ok(sku) = Sku::from_snapshot(snapshot) {
-        sku.check_invariants().expect("from_snapshot only accepts consistent state");
+        sku.check_invariants()
+            .expect("from_snapshot only accepts consistent state");
     }
 });
