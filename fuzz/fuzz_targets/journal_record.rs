@@ -1,14 +1,25 @@
 //! Journal records from disk: decoding and then replaying them must never panic,
-//! whatever the bytes; bad records are errors.
+//! whatever the bytes; bad records are errors. Half the inputs are given a valid
+//! header and checksum, so the payload decoder and replay see mutated payloads, not
+//! only checksum failures.
 #![no_main]
 
 use keydrop_engine::codec;
 use keydrop_engine::sku::Sku;
 use keydrop_engine::SkuId;
+use keydrop_fuzz::with_valid_checksum;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(events) = codec::decode_events(data) else {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let record = if mode % 2 == 0 {
+        rest.to_vec()
+    } else {
+        with_valid_checksum(rest)
+    };
+    let Ok(events) = codec::decode_events(&record) else {
         return;
     };
     let id = SkuId::parse("fuzz").expect("valid id");
