@@ -188,6 +188,24 @@ mod tests {
         }
     }
 
+    /// One record's bytes, written down: a change to postcard, serde or an event's
+    /// fields that would make this build unable to read what an earlier one wrote
+    /// shows here, and needs a new FORMAT_VERSION.
+    #[test]
+    fn a_known_record_keeps_its_bytes() {
+        let events = vec![Event::Cancelled {
+            order_id: "00112233445566778899aabbccddeeff".parse().unwrap(),
+            at: Timestamp(1_800_000_000_123),
+        }];
+        let record = encode_events(&events);
+        // Version 1 | CRC-32 | one event | variant 5 | the id's 16 bytes | varint time.
+        assert_eq!(
+            hex::encode(&record),
+            "01_35d8b1e2_01_05_00112233445566778899aabbccddeeff_fba0f1c2b134".replace('_', "")
+        );
+        assert_eq!(decode_events(&record).unwrap(), events);
+    }
+
     #[test]
     fn every_truncation_and_bit_flip_is_an_error() {
         let bytes = encode_events(&sample());

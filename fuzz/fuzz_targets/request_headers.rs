@@ -1,6 +1,6 @@
 //! Header values a client controls: `Authorization`, `X-Forwarded-For` (one line per
-//! `\n`, read behind a trusted proxy and behind none), and an RFC 3339 time as in a
-//! SKU's sale window.
+//! `\n`, read behind a trusted proxy and behind none), an order's `X-Device-Id` and
+//! `Idempotency-Key`, and an RFC 3339 time as in a SKU's sale window.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,6 +13,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!token.is_empty());
         assert_eq!(token, token.trim_ascii());
     }
+    let (device, key) = data.split_at(data.len() / 2);
+    let _ = decoders::order_headers(Some(device), Some(key));
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = decoders::rfc3339(text);
     }

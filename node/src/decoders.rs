@@ -1,13 +1,16 @@
 //! The parsers of what clients send, reachable from outside the crate for the fuzz
 //! targets (`fuzz/`) and the decoder tests (`tests/decoders.rs`). Each takes the
 //! bytes as they arrive and returns what the route makes of them, with the route's
-//! own code; a refusal is an error, never a panic. Errors are the text of the 400 or
-//! 401 a client would get.
+//! own code; a refusal is an error, never a panic. Errors are `<code>: <message>` as
+//! in the 400 a client would get; a signature's, the reason its 401 does not tell.
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::http::{HeaderMap, HeaderValue};
-use keydrop_engine::{CardSecret, CardSerial, PaymentRef, SkuDef, Timestamp, UserId};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use keydrop_engine::{
+    CardSecret, CardSerial, DeviceId, IdempotencyKey, PaymentRef, SkuDef, Timestamp, UserId,
+};
 
 use crate::admission::Admission;
 use crate::api::{self, error::ApiError};
@@ -39,19 +42,39 @@ pub fn csv_cards<'a>(
 
 /// A JSON import body (`{"cards": [{"serial", "secret"}, …]}`).
 pub fn json_cards(body: &[u8]) -> Result<Vec<(CardSerial, CardSecret)>, String> {
-    api::skus::parse_json_cards(body).map_err(text)
+    api::skus::parse_json_cards(Bytes::copy_from_slice(body)).map_err(text)
 }
 
 /// A `PUT /v1/skus/{sku}` body, checked as the engine checks a definition.
 pub fn sku_definition(body: &[u8]) -> Result<SkuDef, String> {
     let def = api::skus::parse_sku_body(body).map_err(text)?;
-    def.validate().map_err(|e| e.to_string())?;
+    def.validate().map_err(|e| text(ApiError::from(e)))?;
     Ok(def)
 }
 
 /// A `POST /v1/skus/{sku}/orders` body.
 pub fn order_body(body: &[u8]) -> Result<UserId, String> {
     api::orders::parse_order_body(body).map_err(text)
+}
+
+/// An order's `X-Device-Id` and `Idempotency-Key` header values, each optional. A
+/// value that is not a valid header value is refused as the HTTP parser would.
+pub fn order_headers(
+    device_id: Option<&[u8]>,
+    idempotency_key: Option<&[u8]>,
+) -> Result<(Option<DeviceId>, Option<IdempotencyKey>), String> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("x-device-id", device_id),
+        ("idempotency-key", idempotency_key),
+    ] {
+        if let Some(value) = value {
+            let value = HeaderValue::from_bytes(value)
+                .map_err(|_| format!("{name}: not a header value"))?;
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    api::orders::parse_order_headers(&headers).map_err(text)
 }
 
 /// A payment callback body.

@@ -9,8 +9,8 @@
 //! [`client`] the operator commands; [`decoders`] the parsers of what clients send,
 //! opened to the fuzz targets and the decoder tests.
 //!
-//! The modules stay private: what the binary and the fuzz targets use is named below,
-//! so the compiler still reports code nothing reaches.
+//! The modules stay private but `decoders`: what the binary and the fuzz targets use
+//! is named below, so the compiler still reports code nothing reaches.
 
 mod admission;
 mod api;
@@ -31,3 +31,9 @@ pub use client::{run_order, run_sku};
 pub use config::{Config, LogFormat};
 pub use platform::set_transparent_huge_pages;
 pub use server::run as serve;
+
+/// The binary's allocator (`main.rs`) for the unit tests too, so that what they
+/// measure (the admission buckets' memory) is what a node holds.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

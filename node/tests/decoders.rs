@@ -4,7 +4,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use chrono::{DateTime, SecondsFormat};
 use hmac::{Hmac, Mac};
+use keydrop_engine::{SkuDef, Timestamp};
 use keydrop_node::decoders;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -132,6 +134,67 @@ fn cards_body() -> BoxedStrategy<Vec<u8>> {
     )])
 }
 
+/// A serial as an operator writes one: no comma, no blank at either end (a CSV line's
+/// fields are trimmed).
+fn serial() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9_.:/-]{1,40}"
+}
+
+/// A secret: printable, commas and inner blanks included, none at either end.
+fn secret() -> impl Strategy<Value = String> {
+    "[!-~]([ -~]{0,60}[!-~])?"
+}
+
+fn rfc3339_millis(at_ms: u64) -> String {
+    DateTime::from_timestamp_millis(at_ms as i64)
+        .unwrap()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A definition the API accepts, and its body.
+fn valid_sku() -> impl Strategy<Value = (SkuDef, Vec<u8>)> {
+    (
+        "[A-Za-z0-9][ -~]{0,60}",
+        any::<u64>(),
+        1u32..1_000,
+        proptest::option::of(1u32..100),
+        1u64..=86_400,
+        proptest::option::of((0u64..4_000_000_000_000, 1u64..1_000_000_000)),
+        proptest::option::of(any::<u64>()),
+    )
+        .prop_map(
+            |(name, price, per_user, per_device, ttl_secs, window, low_stock)| {
+                let mut body = json!({
+                    "name": name,
+                    "price_cents": price,
+                    "per_user_limit": per_user,
+                    "reservation_ttl_secs": ttl_secs,
+                });
+                if let Some(limit) = per_device {
+                    body["per_device_limit"] = json!(limit);
+                }
+                if let Some((starts, length)) = window {
+                    body["starts_at"] = json!(rfc3339_millis(starts));
+                    body["ends_at"] = json!(rfc3339_millis(starts + length));
+                }
+                if let Some(threshold) = low_stock {
+                    body["low_stock_threshold"] = json!(threshold);
+                }
+                let def = SkuDef {
+                    name,
+                    price_cents: price,
+                    per_user_limit: per_user,
+                    per_device_limit: per_device,
+                    reservation_ttl_ms: ttl_secs * 1000,
+                    starts_at: window.map(|(starts, _)| Timestamp::from_millis(starts)),
+                    ends_at: window.map(|(starts, length)| Timestamp::from_millis(starts + length)),
+                    low_stock_threshold: low_stock.unwrap_or(0),
+                };
+                (def, serde_json::to_vec(&body).unwrap())
+            },
+        )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -161,6 +224,71 @@ proptest! {
         }
     }
 
+    /// What the API documents is read as written, whatever it holds.
+    #[test]
+    fn valid_bodies_parse_to_what_they_say(
+        (def, sku) in valid_sku(),
+        user in "\\PC{1,32}",
+        payment_ref in "\\PC{1,32}",
+        amount in any::<u64>(),
+        cards in prop::collection::vec((serial(), secret()), 0..8),
+    ) {
+        prop_assert_eq!(decoders::sku_definition(&sku), Ok(def));
+        let order = serde_json::to_vec(&json!({ "user_id": user })).unwrap();
+        prop_assert_eq!(decoders::order_body(&order).map(|u| u.to_string()), Ok(user));
+        let payment = serde_json::to_vec(&json!({
+            "payment_ref": payment_ref,
+            "amount_cents": amount,
+        }))
+        .unwrap();
+        prop_assert_eq!(
+            decoders::payment_body(&payment).map(|(r, a)| (r.to_string(), a)),
+            Ok((payment_ref, amount))
+        );
+        let import = json!({
+            "cards": cards
+                .iter()
+                .map(|(serial, secret)| json!({ "serial": serial, "secret": secret }))
+                .collect::<Vec<_>>(),
+        });
+        let parsed = decoders::json_cards(&serde_json::to_vec(&import).unwrap()).map(|cards| {
+            cards
+                .iter()
+                .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
+                .collect::<Vec<_>>()
+        });
+        prop_assert_eq!(parsed, Ok(cards));
+    }
+
+    /// A file of `serial,secret` lines (a header, blank lines and blanks around fields
+    /// allowed) gives exactly its cards, however it is split.
+    #[test]
+    fn valid_csv_bodies_give_their_cards(
+        cards in prop::collection::vec((serial(), secret()), 0..20),
+        header in any::<bool>(),
+        padding in prop::collection::vec(prop::sample::select(vec!["", " ", "\t", "  "]), 2),
+        line_ending in prop::sample::select(vec!["\n", "\r\n"]),
+        blank_after in any::<prop::sample::Index>(),
+        stride in 1usize..64,
+    ) {
+        let mut lines: Vec<String> = cards
+            .iter()
+            .map(|(serial, secret)| format!("{}{serial},{}{secret}{}", padding[0], padding[1], padding[0]))
+            .collect();
+        lines.insert(blank_after.index(lines.len() + 1), String::new());
+        if header {
+            lines.insert(0, "\u{feff}serial,secret".to_string());
+        }
+        let body = lines.join(line_ending).into_bytes();
+        let parsed = decoders::csv_cards(body.chunks(stride)).map(|cards| {
+            cards
+                .iter()
+                .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
+                .collect::<Vec<_>>()
+        });
+        prop_assert_eq!(parsed, Ok(cards));
+    }
+
     /// Split anywhere, a CSV body gives the same cards, or the same refusal.
     #[test]
     fn csv_bodies_parse_the_same_however_they_arrive(
@@ -170,6 +298,9 @@ proptest! {
                 "[ -~]{0,40}",
                 Just("\u{feff}serial,secret".to_string()),
                 Just(String::new()),
+                // Past the 4,096-byte line limit, which is checked as chunks arrive
+                // and again per line: both must give the same refusal.
+                (4_000usize..4_200).prop_map(|len| format!("S,{}", "x".repeat(len))),
             ],
             0..12,
         ),
@@ -246,12 +377,22 @@ proptest! {
             0..6,
         ),
         lines in 1usize..3,
+        at_ms in 0u64..4_000_000_000_000,
+        device in "[!-~]([ -~]{0,60}[!-~])?",
+        key in proptest::option::of("[!-~]([ -~]{0,60}[!-~])?"),
     ) {
         if let Some(token) = decoders::bearer_token(&value) {
             prop_assert!(!token.is_empty());
             prop_assert_eq!(token, token.trim_ascii());
         }
         let _ = decoders::rfc3339(&time);
+        prop_assert_eq!(decoders::rfc3339(&rfc3339_millis(at_ms)), Ok(Timestamp::from_millis(at_ms)));
+        let _ = decoders::order_headers(Some(&value), Some(&value));
+        let (parsed_device, parsed_key) =
+            decoders::order_headers(Some(device.as_bytes()), key.as_deref().map(str::as_bytes))
+                .unwrap();
+        prop_assert_eq!(parsed_device.map(|d| d.to_string()), Some(device));
+        prop_assert_eq!(parsed_key.map(|k| k.to_string()), key);
         let joined = hops.join(",");
         let header_lines: Vec<&[u8]> = std::iter::repeat_n(joined.as_bytes(), lines).collect();
         let proxy = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -149,6 +149,21 @@ pub fn parse_order_body(body: &[u8]) -> Result<UserId, ApiError> {
     UserId::parse(user_id).map_err(|e| ApiError::invalid(format!("user_id: {e}")))
 }
 
+/// An order's optional `X-Device-Id` and `Idempotency-Key`.
+pub fn parse_order_headers(
+    headers: &HeaderMap,
+) -> Result<(Option<DeviceId>, Option<IdempotencyKey>), ApiError> {
+    let device = header_text(headers, &DEVICE_ID)?
+        .map(DeviceId::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("X-Device-Id: {e}")))?;
+    let key = header_text(headers, &IDEMPOTENCY_KEY)?
+        .map(IdempotencyKey::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("Idempotency-Key: {e}")))?;
+    Ok((device, key))
+}
+
 async fn reserve(
     state: &AppState,
     ip: std::net::IpAddr,
@@ -161,14 +176,7 @@ async fn reserve(
     let SkuPath(sku) = sku?;
     let body = read_body(headers, body, ORDER_BODY_BYTES_MAX).await?;
     let user = parse_order_body(&body)?;
-    let device = header_text(headers, &DEVICE_ID)?
-        .map(DeviceId::parse)
-        .transpose()
-        .map_err(|e| ApiError::invalid(format!("X-Device-Id: {e}")))?;
-    let key = header_text(headers, &IDEMPOTENCY_KEY)?
-        .map(IdempotencyKey::parse)
-        .transpose()
-        .map_err(|e| ApiError::invalid(format!("Idempotency-Key: {e}")))?;
+    let (device, key) = parse_order_headers(headers)?;
     if let Some(device) = &device {
         state.admission.check_device(device).map_err(rate_limited)?;
     }

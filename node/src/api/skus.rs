@@ -3,7 +3,7 @@
 //! buyers poll it during a drop, so it must never queue behind their orders), and
 //! `GET /v1/admin/skus/{sku}` (the same with operator fields).
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
@@ -213,17 +213,17 @@ async fn import_json(
     sku: &SkuId,
     body: LimitedBody,
 ) -> Result<ImportJson, ApiError> {
-    let body = body.collect().await?;
-    let cards = parse_json_cards(&body)?;
-    drop(body);
+    let cards = parse_json_cards(body.collect().await?)?;
     let mut total = ImportJson::default();
     total.add(engine.import_cards(sku, cards).await?);
     Ok(total)
 }
 
-/// A JSON import body: every card, or the first that is not one.
-pub fn parse_json_cards(body: &[u8]) -> Result<Vec<(CardSerial, CardSecret)>, ApiError> {
-    let CardsBody { cards } = parse_json(body)?;
+/// A JSON import body: every card, or the first that is not one. The body (up to
+/// 64 MiB) is let go once parsed, before the cards are checked and sealed.
+pub fn parse_json_cards(body: Bytes) -> Result<Vec<(CardSerial, CardSecret)>, ApiError> {
+    let CardsBody { cards } = parse_json(&body)?;
+    drop(body);
     cards
         .into_iter()
         .enumerate()
