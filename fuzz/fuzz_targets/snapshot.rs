@@ -6,17 +6,12 @@
 
 use keydrop_engine::codec;
 use keydrop_engine::sku::Sku;
-use keydrop_fuzz::with_valid_checksum;
+use keydrop_fuzz::record_from;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
+    let Some(record) = record_from(data) else {
         return;
-    };
-    let record = if mode % 2 == 0 {
-        rest.to_vec()
-    } else {
-        with_valid_checksum(rest)
     };
     let Ok((_, snapshot)) = codec::decode_snapshot(&record) else {
         return;

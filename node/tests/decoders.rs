@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use chrono::{DateTime, SecondsFormat};
 use hmac::{Hmac, Mac};
-use keydrop_engine::{SkuDef, Timestamp};
+use keydrop_engine::{CardSecret, CardSerial, SkuDef, Timestamp};
 use keydrop_node::decoders;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -145,6 +145,18 @@ fn secret() -> impl Strategy<Value = String> {
     "[!-~]([ -~]{0,60}[!-~])?"
 }
 
+/// Parsed cards as plain text, to compare.
+fn plain(
+    parsed: Result<Vec<(CardSerial, CardSecret)>, String>,
+) -> Result<Vec<(String, String)>, String> {
+    parsed.map(|cards| {
+        cards
+            .iter()
+            .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
+            .collect()
+    })
+}
+
 fn rfc3339_millis(at_ms: u64) -> String {
     DateTime::from_timestamp_millis(at_ms as i64)
         .unwrap()
@@ -251,12 +263,7 @@ proptest! {
                 .map(|(serial, secret)| json!({ "serial": serial, "secret": secret }))
                 .collect::<Vec<_>>(),
         });
-        let parsed = decoders::json_cards(&serde_json::to_vec(&import).unwrap()).map(|cards| {
-            cards
-                .iter()
-                .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
-                .collect::<Vec<_>>()
-        });
+        let parsed = plain(decoders::json_cards(&serde_json::to_vec(&import).unwrap()));
         prop_assert_eq!(parsed, Ok(cards));
     }
 
@@ -280,12 +287,7 @@ proptest! {
             lines.insert(0, "\u{feff}serial,secret".to_string());
         }
         let body = lines.join(line_ending).into_bytes();
-        let parsed = decoders::csv_cards(body.chunks(stride)).map(|cards| {
-            cards
-                .iter()
-                .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
-                .collect::<Vec<_>>()
-        });
+        let parsed = plain(decoders::csv_cards(body.chunks(stride)));
         prop_assert_eq!(parsed, Ok(cards));
     }
 
@@ -319,16 +321,8 @@ proptest! {
             start = end;
         }
         chunks.push(&body[start..]);
-        let show = |parsed: Result<Vec<(keydrop_engine::CardSerial, keydrop_engine::CardSecret)>, String>| {
-            parsed.map(|cards| {
-                cards
-                    .iter()
-                    .map(|(serial, secret)| (serial.to_string(), secret.expose().to_string()))
-                    .collect::<Vec<_>>()
-            })
-        };
-        let whole = show(decoders::csv_cards([&body[..]]));
-        prop_assert_eq!(&whole, &show(decoders::csv_cards(chunks)));
+        let whole = plain(decoders::csv_cards([&body[..]]));
+        prop_assert_eq!(&whole, &plain(decoders::csv_cards(chunks)));
         if let Ok(cards) = &whole {
             for (serial, secret) in cards {
                 prop_assert!(!serial.is_empty() && !serial.contains(','));
