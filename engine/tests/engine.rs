@@ -266,17 +266,7 @@ async fn a_sku_that_cannot_reload_answers_nothing_from_memory() {
         );
         // The reload fails and the actor refuses everything from then on; the
         // lookup must not reveal the card of the payment that never reached disk.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let answer = loop {
-            // Refused (fenced) while the actor reloads; then its final answer.
-            let answer = o.engine.order(&order_id).await;
-            if !matches!(answer, Err(EngineError::JournalUnavailable(_)))
-                || tokio::time::Instant::now() > deadline
-            {
-                break answer;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let answer = order_after_reload(&o, &order_id).await;
         assert!(
             matches!(answer, Err(EngineError::SkuUnavailable)),
             "{:?}",

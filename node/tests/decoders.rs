@@ -2,26 +2,18 @@
 //! an error, never a panic, and the properties each route relies on. The cargo-fuzz
 //! targets in `fuzz/` explore further; these run in every test pass.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use chrono::{DateTime, SecondsFormat};
-use hmac::{Hmac, Mac};
 use keydrop_engine::{CardSecret, CardSerial, SkuDef, Timestamp};
 use keydrop_node::decoders;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use sha2::Sha256;
 
 const SECRET: &[u8] = b"payment-secret-for-decoder-tests";
 const NOW: i64 = 1_900_000_000;
-
-fn signed(t: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
 
 /// A JSON value of any shape, biased to the kinds request fields hold.
 fn json_value() -> impl Strategy<Value = Value> {
@@ -340,7 +332,7 @@ proptest! {
         header in prop::collection::vec(any::<u8>(), 0..200),
     ) {
         let t = NOW + skew;
-        let good = signed(t, &body);
+        let good = common::sign(SECRET, t, &body);
         let verdict = decoders::payment_signature(SECRET, good.as_bytes(), &body, NOW);
         if skew.abs() <= 300 {
             prop_assert_eq!(verdict, Ok(t));

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use keydrop_engine::journal::FaultInjector;
 use keydrop_engine::{
-    CardSecret, CardSerial, Clock, Engine, EngineConfig, KeyRing, ManualClock, Reservation, SkuDef,
-    SkuId, Timestamp, UserId,
+    CardSecret, CardSerial, Clock, Engine, EngineConfig, EngineError, KeyRing, ManualClock,
+    OrderDetails, OrderId, Reservation, SkuDef, SkuId, Timestamp, UserId,
 };
 
 pub const T0: u64 = 1_800_000_000_000;
@@ -87,6 +87,25 @@ pub async fn open(dir: &Path, clock: &ManualClock, keys: &[[u8; 32]]) -> Opened 
 
 pub fn manual_clock() -> ManualClock {
     ManualClock::new(Timestamp(T0))
+}
+
+/// The answer to a lookup of `order_id` once the actor's reload after a failed write
+/// is over: while it reloads the lookup is refused as fenced (`JournalUnavailable`),
+/// for at most 5 s.
+pub async fn order_after_reload(
+    o: &Opened,
+    order_id: &OrderId,
+) -> Result<OrderDetails, EngineError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = o.engine.order(order_id).await;
+        if !matches!(answer, Err(EngineError::JournalUnavailable(_)))
+            || tokio::time::Instant::now() > deadline
+        {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Polls `check` until it holds, for at most `limit`.

@@ -372,9 +372,10 @@ pub fn unix_now() -> i64 {
 }
 
 /// What a payment provider sends: `t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
-pub fn sign(secret: &[u8], t: i64, body: &str) -> String {
+pub fn sign(secret: &[u8], t: i64, body: impl AsRef<[u8]>) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
-    mac.update(format!("{t}.{body}").as_bytes());
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body.as_ref());
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
