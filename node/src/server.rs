@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::ServiceExt as _;
 use keydrop_engine::{Engine, EngineConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -63,7 +64,7 @@ pub async fn run(
         let _ = stop_on_signal.send(true);
     });
 
-    let app = api::router(state.clone());
+    let app = api::dispatch::Api::new(state.clone());
     let mut serve_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
         axum::serve(

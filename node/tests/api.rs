@@ -410,6 +410,63 @@ async fn reservations_and_their_refusals() {
     );
 }
 
+/// Orders on a path in canonical form skip the router; any other spelling of the same
+/// route goes through it. Both must be the same route to buyers and to the metrics.
+#[tokio::test]
+async fn an_order_is_the_same_whichever_way_its_path_is_dispatched() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.sku_with_cards("s-9", on_sale(700, 1, 600), &cards("p", 3))
+        .await;
+    let order_at = |path: &str, user: &str| {
+        node.http
+            .post(node.at(path))
+            .json(&json!({ "user_id": user }))
+    };
+
+    let (status, direct) = node.send(order_at("/v1/skus/s-9/orders", "ann")).await;
+    assert_eq!(status, StatusCode::CREATED, "{direct}");
+    // `%2D` is `-`: only the router decodes it.
+    let (status, routed) = node.send(order_at("/v1/skus/s%2D9/orders", "ben")).await;
+    assert_eq!(status, StatusCode::CREATED, "{routed}");
+    for order in [&direct, &routed] {
+        assert_eq!(order["sku"], "s-9");
+        assert_eq!(order["price_cents"], 700);
+    }
+    // The same buyer on the other path meets the same per-user limit.
+    assert_error(
+        &node.send(order_at("/v1/skus/s%2D9/orders", "ann")).await,
+        StatusCode::FORBIDDEN,
+        "purchase_limit",
+    );
+    assert_error(
+        &node.send(order_at("/v1/skus/s-9/orders", "ben")).await,
+        StatusCode::FORBIDDEN,
+        "purchase_limit",
+    );
+    assert_error(
+        &node
+            .send(node.http.get(node.at("/v1/skus/s-9/orders")))
+            .await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    assert_error(
+        &node.send(order_at("/v1/skus/s-9/orders/", "cat")).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(node.stock("s-9").await, (1, 2, 0));
+
+    let series = |status: u16| {
+        format!(
+            "keydrop_http_requests_total{{route=\"/v1/skus/{{sku}}/orders\",status=\"{status}\"}}"
+        )
+    };
+    assert_eq!(node.metric(&series(201)).await, 2.0);
+    assert_eq!(node.metric(&series(403)).await, 2.0);
+    assert_eq!(node.metric(&series(405)).await, 1.0);
+}
+
 #[tokio::test]
 async fn orders_payments_and_cancellation() {
     let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;

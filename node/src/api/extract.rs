@@ -125,8 +125,16 @@ impl<S: Send + Sync> FromRequestParts<S> for SkuPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let raw = path_param(parts, state).await?;
-        SkuId::parse(raw).map(SkuPath).map_err(ApiError::invalid)
+        SkuPath::parse(path_param(parts, state).await?)
+    }
+}
+
+impl SkuPath {
+    /// A SKU id from its path segment, decoded.
+    pub fn parse(segment: impl Into<String>) -> Result<Self, ApiError> {
+        SkuId::parse(segment)
+            .map(SkuPath)
+            .map_err(ApiError::invalid)
     }
 }
 

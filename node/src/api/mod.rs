@@ -4,7 +4,9 @@
 //! - [`orders`]: reserve, read and cancel orders;
 //! - [`payments`]: the payment provider's signed callback;
 //! - [`health`]: liveness, readiness, metrics, and the refunds list for operators;
-//! - [`request_metrics`]: counts and times every request by route template.
+//! - [`request_metrics`]: counts and times every request by route template;
+//! - [`dispatch`]: the service the server runs, the router with order placement
+//!   dispatched ahead of it.
 //!
 //! Routes (admin ones need `Authorization: Bearer <admin token>`):
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`;
@@ -19,6 +21,7 @@
 //!
 //! Every error leaves through [`error::ApiError`], as JSON.
 
+pub mod dispatch;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -111,7 +114,7 @@ pub fn router(state: AppState) -> Router {
         ("/metrics", get(health::metrics)),
         ("/v1/skus/{sku}", put(skus::put_sku).get(skus::get_sku)),
         ("/v1/skus/{sku}/cards", post(skus::import_cards)),
-        ("/v1/skus/{sku}/orders", post(orders::create_order)),
+        (dispatch::ORDERS_ROUTE, post(orders::create_order)),
         (
             "/v1/orders/{order_id}",
             get(orders::get_order).delete(orders::cancel_order),

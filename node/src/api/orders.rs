@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{header_text, parse_json, read_body, ClientIp, OrderPath, SkuPath};
-use super::{push_rfc3339, rfc3339, AppState};
+use super::{dispatch, push_rfc3339, rfc3339, AppState};
 use crate::admission::Rejected;
 use crate::metrics::{ADMISSION_REFUSALS, ORDERS_SHED, ORDER_OUTCOMES, OVERLOAD_SHED};
 
@@ -65,7 +65,24 @@ pub fn rate_limited(rejected: Rejected) -> ApiError {
     ApiError::RateLimited(rejected)
 }
 
+/// `POST /v1/skus/{sku}/orders` as routed: the router has the `{sku}` segment.
 pub async fn create_order(State(state): State<AppState>, request: Request) -> Response {
+    place_order(state, request, SkuSegment::Routed).await
+}
+
+/// The same for a path [`dispatch::order_route_sku`] accepted, sent here ahead of
+/// the router: the `{sku}` segment is read from the path itself.
+pub async fn create_order_direct(state: AppState, request: Request) -> Response {
+    place_order(state, request, SkuSegment::InPath).await
+}
+
+/// Where an order's `{sku}` comes from.
+enum SkuSegment {
+    Routed,
+    InPath,
+}
+
+async fn place_order(state: AppState, request: Request, sku_segment: SkuSegment) -> Response {
     // Bounded before any work, extractors included: past the bound a buyer is told to
     // come back (503 with Retry-After) rather than wait behind a queue that cannot
     // drain in time, and in a crowd most requests end here, so the refusal costs
@@ -81,7 +98,12 @@ pub async fn create_order(State(state): State<AppState>, request: Request) -> Re
     let (mut parts, body) = request.into_parts();
     let outcome = match ClientIp::from_request_parts(&mut parts, &state).await {
         Ok(ClientIp(ip)) => {
-            let sku = SkuPath::from_request_parts(&mut parts, &state).await;
+            let sku = match sku_segment {
+                SkuSegment::Routed => SkuPath::from_request_parts(&mut parts, &state).await,
+                SkuSegment::InPath => dispatch::order_route_sku(parts.uri.path())
+                    .ok_or(ApiError::NotFound)
+                    .and_then(SkuPath::parse),
+            };
             reserve(&state, ip, sku, &parts.headers, body).await
         }
         Err(error) => Err(error),

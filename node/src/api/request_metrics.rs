@@ -72,6 +72,16 @@ impl RequestMetricsLayer {
             series: Arc::new(RouteSeries::new(route)),
         }
     }
+
+    /// Records the response `answer` resolves to, timed from now: for a route
+    /// dispatched without a service to wrap (`dispatch`).
+    pub fn time<F>(&self, answer: F) -> Recorded<F> {
+        Recorded {
+            started: Instant::now(),
+            series: Arc::clone(&self.series),
+            inner: answer,
+        }
+    }
 }
 
 impl<S> Layer<S> for RequestMetricsLayer {
@@ -80,7 +90,7 @@ impl<S> Layer<S> for RequestMetricsLayer {
     fn layer(&self, inner: S) -> RequestMetrics<S> {
         RequestMetrics {
             inner,
-            series: Arc::clone(&self.series),
+            layer: self.clone(),
         }
     }
 }
@@ -88,7 +98,7 @@ impl<S> Layer<S> for RequestMetricsLayer {
 #[derive(Clone)]
 pub struct RequestMetrics<S> {
     inner: S,
-    series: Arc<RouteSeries>,
+    layer: RequestMetricsLayer,
 }
 
 impl<S, Request> Service<Request> for RequestMetrics<S>
@@ -104,11 +114,7 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        Recorded {
-            started: Instant::now(),
-            series: Arc::clone(&self.series),
-            inner: self.inner.call(request),
-        }
+        self.layer.time(self.inner.call(request))
     }
 }
 

@@ -1,0 +1,111 @@
+//! The service the server runs: the router, with the one route a drop's crowd hits
+//! (`POST /v1/skus/{sku}/orders`) dispatched ahead of it.
+//!
+//! The router matches the path, copies each path parameter into a percent-decoded
+//! `Arc<str>` kept in the request's extensions, and boxes a future per layer it passes
+//! through: about 2,300 instructions per request, 7% of what the node spends on an
+//! order, for a path whose shape is fixed. An order whose path is already in canonical
+//! form (a SKU id of `[A-Za-z0-9_-]`, which percent-decoding cannot change) is handed
+//! to the same handler directly, under the same request metrics; anything else,
+//! percent-escapes and wrong methods included, goes through the router and gets the
+//! answer it always got.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::extract::Request;
+use axum::http::Method;
+use axum::response::Response;
+use axum::Router;
+use tower::Service;
+
+use super::orders;
+use super::request_metrics::RequestMetricsLayer;
+use super::AppState;
+
+/// The route template of order placement, as the router and the metrics name it.
+pub const ORDERS_ROUTE: &str = "/v1/skus/{sku}/orders";
+
+/// The router, and order placement in front of it.
+#[derive(Clone)]
+pub struct Api {
+    router: Router,
+    state: AppState,
+    orders_metrics: RequestMetricsLayer,
+}
+
+impl Api {
+    pub fn new(state: AppState) -> Self {
+        Api {
+            router: super::router(state.clone()),
+            state,
+            orders_metrics: RequestMetricsLayer::new(ORDERS_ROUTE),
+        }
+    }
+}
+
+type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl Service<Request> for Api {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Answer;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The router is always ready, and so is the order handler.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Answer {
+        if request.method() == Method::POST && order_route_sku(request.uri().path()).is_some() {
+            let state = self.state.clone();
+            let answer = async move { Ok(orders::create_order_direct(state, request).await) };
+            return Box::pin(self.orders_metrics.time(answer));
+        }
+        Box::pin(self.router.call(request))
+    }
+}
+
+/// The `{sku}` of `/v1/skus/{sku}/orders` when the path is exactly that, with a
+/// segment of the characters a SKU id may hold: the router would extract the same text
+/// (it has nothing to percent-decode), and the handler checks it like any SKU id.
+pub fn order_route_sku(path: &str) -> Option<&str> {
+    let segment = path.strip_prefix("/v1/skus/")?.strip_suffix("/orders")?;
+    let canonical = !segment.is_empty()
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    canonical.then_some(segment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_order_paths_skip_the_router() {
+        for (path, sku) in [
+            ("/v1/skus/wrk-0/orders", "wrk-0"),
+            ("/v1/skus/steam_card_50/orders", "steam_card_50"),
+            ("/v1/skus/A/orders", "A"),
+        ] {
+            assert_eq!(order_route_sku(path), Some(sku), "{path}");
+        }
+        for path in [
+            "/v1/skus//orders",
+            "/v1/skus/wrk%2D0/orders",
+            "/v1/skus/a/b/orders",
+            "/v1/skus/a.b/orders",
+            "/v1/skus/wrk-0/orders/",
+            "/v1/skus/wrk-0/cards",
+            "/v1/skus/wrk-0",
+            "//v1/skus/wrk-0/orders",
+            "/v1/orders/abc",
+            "/v1/skus/ünï/orders",
+        ] {
+            assert_eq!(order_route_sku(path), None, "{path}");
+        }
+    }
+}
