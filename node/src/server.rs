@@ -9,11 +9,9 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::ServiceExt as _;
 use keydrop_engine::{Engine, EngineConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -67,14 +65,11 @@ pub async fn run(
     let app = api::dispatch::Api::new(state.clone());
     let mut serve_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = serve_stop.wait_for(|stop| *stop).await;
-        })
-        .await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = serve_stop.wait_for(|stop| *stop).await;
+            })
+            .await
     });
 
     // Recover while /healthz already answers.

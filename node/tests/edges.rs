@@ -188,6 +188,42 @@ async fn forwarded_for_from_a_trusted_proxy_buckets_each_client_apart() {
     );
 }
 
+/// Orders skip the router, which is where lookups get the peer's address from: the
+/// buckets of a proxy's clients must work the same for them.
+#[tokio::test]
+async fn orders_behind_a_trusted_proxy_are_bucketed_by_client() {
+    let node = Node::start(&[
+        ("KEYDROP_TRUSTED_PROXIES", "127.0.0.1"),
+        ("KEYDROP_RATE_PER_IP", "1"),
+        ("KEYDROP_BURST_PER_IP", "2"),
+    ])
+    .await;
+    node.sku_with_cards("xff", on_sale(100, 1, 600), &cards("x", 10))
+        .await;
+    let order_via = |forwarded_for: Option<&str>, user: &str| {
+        let mut request = node
+            .http
+            .post(node.at("/v1/skus/xff/orders"))
+            .json(&json!({ "user_id": user }));
+        if let Some(forwarded_for) = forwarded_for {
+            request = request.header("x-forwarded-for", forwarded_for);
+        }
+        node.send(request)
+    };
+    let created = |answer: (StatusCode, Value), what: &str| {
+        assert_eq!(answer.0, StatusCode::CREATED, "{what}: {}", answer.1);
+    };
+    let a = Some("198.51.100.1");
+    created(order_via(a, "a1").await, "A, first");
+    created(order_via(a, "a2").await, "A, second");
+    assert_throttled(&order_via(a, "a3").await, "A, over its burst");
+    created(
+        order_via(Some("198.51.100.2"), "b1").await,
+        "B, behind the same proxy",
+    );
+    created(order_via(None, "p1").await, "the proxy itself");
+}
+
 /// From a peer that is not a trusted proxy the header is the client's own claim:
 /// every request counts against the socket's address whatever it says.
 #[tokio::test]

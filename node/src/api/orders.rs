@@ -13,6 +13,7 @@
 //! force.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
@@ -65,24 +66,26 @@ pub fn rate_limited(rejected: Rejected) -> ApiError {
     ApiError::RateLimited(rejected)
 }
 
-/// `POST /v1/skus/{sku}/orders` as routed: the router has the `{sku}` segment.
+/// `POST /v1/skus/{sku}/orders` as routed: the router has the `{sku}` segment, and
+/// the peer's address is in the request's extensions.
 pub async fn create_order(State(state): State<AppState>, request: Request) -> Response {
-    place_order(state, request, SkuSegment::Routed).await
+    place_order(state, request, Routing::Router).await
 }
 
 /// The same for a path [`dispatch::order_route_sku`] accepted, sent here ahead of
-/// the router: the `{sku}` segment is read from the path itself.
-pub async fn create_order_direct(state: AppState, request: Request) -> Response {
-    place_order(state, request, SkuSegment::InPath).await
+/// the router by the connection from `peer`: the `{sku}` segment is read from the
+/// path itself.
+pub async fn create_order_direct(state: AppState, peer: SocketAddr, request: Request) -> Response {
+    place_order(state, request, Routing::Direct { peer }).await
 }
 
-/// Where an order's `{sku}` comes from.
-enum SkuSegment {
-    Routed,
-    InPath,
+/// How an order reached its handler, which says where its `{sku}` and peer are.
+enum Routing {
+    Router,
+    Direct { peer: SocketAddr },
 }
 
-async fn place_order(state: AppState, request: Request, sku_segment: SkuSegment) -> Response {
+async fn place_order(state: AppState, request: Request, routing: Routing) -> Response {
     // Bounded before any work, extractors included: past the bound a buyer is told to
     // come back (503 with Retry-After) rather than wait behind a queue that cannot
     // drain in time, and in a crowd most requests end here, so the refusal costs
@@ -96,16 +99,21 @@ async fn place_order(state: AppState, request: Request, sku_segment: SkuSegment)
         }
     };
     let (mut parts, body) = request.into_parts();
-    let outcome = match ClientIp::from_request_parts(&mut parts, &state).await {
-        Ok(ClientIp(ip)) => {
-            let sku = match sku_segment {
-                SkuSegment::Routed => SkuPath::from_request_parts(&mut parts, &state).await,
-                SkuSegment::InPath => dispatch::order_route_sku(parts.uri.path())
-                    .ok_or(ApiError::NotFound)
-                    .and_then(SkuPath::parse),
-            };
-            reserve(&state, ip, sku, &parts.headers, body).await
+    let client_and_sku = match routing {
+        Routing::Router => match ClientIp::from_request_parts(&mut parts, &state).await {
+            Ok(ClientIp(ip)) => Ok((ip, SkuPath::from_request_parts(&mut parts, &state).await)),
+            Err(error) => Err(error),
+        },
+        Routing::Direct { peer } => {
+            let ip = state.admission.client_ip(peer, &parts.headers);
+            let sku = dispatch::order_route_sku(parts.uri.path())
+                .ok_or(ApiError::NotFound)
+                .and_then(SkuPath::parse);
+            Ok((ip, sku))
         }
+    };
+    let outcome = match client_and_sku {
+        Ok((ip, sku)) => reserve(&state, ip, sku, &parts.headers, body).await,
         Err(error) => Err(error),
     };
     drop(slot);
