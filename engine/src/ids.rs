@@ -118,10 +118,7 @@ string_id!(
     "sku id",
     SKU_ID_BYTES_MAX,
     |value| {
-        if value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if value.bytes().all(SkuId::allows_byte) {
             Ok(())
         } else {
             Err(IdError::Charset {
@@ -168,6 +165,12 @@ string_id!(
 );
 
 impl SkuId {
+    /// Whether `byte` may appear in a SKU id (`[A-Za-z0-9_-]`): such an id needs no
+    /// escaping in a URL path, a JSON string or a metric label.
+    pub fn allows_byte(byte: u8) -> bool {
+        byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-'
+    }
+
     /// A fixed hash of the id (the first four bytes of its SHA-256), stable across
     /// versions and machines because order ids and cluster routing depend on it.
     pub fn route_hash(&self) -> u32 {

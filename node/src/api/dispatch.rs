@@ -26,6 +26,7 @@ use axum::http::Method;
 use axum::response::Response;
 use axum::serve::IncomingStream;
 use axum::Router;
+use keydrop_engine::SkuId;
 use tokio::net::TcpListener;
 use tower::Service;
 
@@ -107,10 +108,7 @@ impl Service<Request> for ConnectionApi {
 /// (it has nothing to percent-decode), and the handler checks it like any SKU id.
 pub fn order_route_sku(path: &str) -> Option<&str> {
     let segment = path.strip_prefix("/v1/skus/")?.strip_suffix("/orders")?;
-    let canonical = !segment.is_empty()
-        && segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let canonical = !segment.is_empty() && segment.bytes().all(SkuId::allows_byte);
     canonical.then_some(segment)
 }
 
