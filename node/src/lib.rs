@@ -2,7 +2,8 @@
 //! (`keydrop sku …`, `keydrop order …`), behind the `keydrop` binary in `main.rs`.
 //!
 //! Layout: [`cli`] is the command line; [`config`] and [`secrets`] what a node
-//! starts from; [`server`] binds, recovers and drains; [`api`] the HTTP routes, one
+//! starts from; [`server`] binds, recovers and drains; [`connections`] accepts and
+//! serves HTTP/1.1 connections and closes them on shutdown; [`api`] the HTTP routes, one
 //! file per group, with the one error type in `api/error.rs`; [`admission`] the
 //! token buckets and the overload gate, fed by [`lag`]; [`platform`] the one OS
 //! setting (huge pages); [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
@@ -17,6 +18,7 @@ mod api;
 mod cli;
 mod client;
 mod config;
+mod connections;
 pub mod decoders;
 mod lag;
 mod metrics;

@@ -19,6 +19,8 @@ use crate::admission::{Admission, Overload, Scope};
 
 pub const HTTP_REQUESTS: &str = "keydrop_http_requests_total";
 pub const HTTP_DURATION: &str = "keydrop_http_request_duration_seconds";
+pub const HTTP_CONNECTIONS_OPEN: &str = "keydrop_http_connections_open";
+pub const HTTP_ACCEPT_ERRORS: &str = "keydrop_http_accept_errors_total";
 pub const ORDERS: &str = "keydrop_orders_total";
 pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
 pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
@@ -146,6 +148,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "keydrop_cards_revealed_total",
         ORDER_BOUND_OPENED,
         ORDER_FLOOR_RAISED,
+        HTTP_ACCEPT_ERRORS,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -156,6 +159,7 @@ pub fn install() -> Result<PrometheusHandle> {
         OVERLOAD_SHED.increment(reason.as_str(), 0);
     }
     metrics::gauge!(RUNTIME_LAG).set(0.0);
+    metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(0.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -163,6 +167,14 @@ fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route template and status code."
+    );
+    describe_gauge!(
+        HTTP_CONNECTIONS_OPEN,
+        "HTTP connections open: accepted and not yet closed."
+    );
+    describe_counter!(
+        HTTP_ACCEPT_ERRORS,
+        "Times accepting a connection failed for a reason not about that connection (such as running out of file descriptors); the node retries a second later."
     );
     describe_histogram!(
         HTTP_DURATION,

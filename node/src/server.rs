@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::admission::{Admission, EVICT_INTERVAL};
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::{metrics, secrets};
+use crate::{connections, metrics, secrets};
 
 /// How often the Prometheus recorder drains histograms and SKU gauges refresh (so
 /// the low-stock log line appears even with nobody scraping).
@@ -62,15 +62,8 @@ pub async fn run(
         let _ = stop_on_signal.send(true);
     });
 
-    let app = api::dispatch::Api::new(state.clone());
-    let mut serve_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = serve_stop.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let api = api::dispatch::Api::new(state.clone());
+    let server = tokio::spawn(connections::serve(listener, api, stop_rx.clone()));
 
     // Recover while /healthz already answers.
     let db_dir = config.db_dir();
@@ -117,9 +110,7 @@ pub async fn run(
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut grace_stop = stop_rx.clone();
     tokio::select! {
-        served = server => {
-            served.context("server task")?.context("serving HTTP")?;
-        }
+        served = server => served.context("server task")?,
         _ = async {
             let _ = grace_stop.wait_for(|stop| *stop).await;
             tokio::time::sleep(grace).await;

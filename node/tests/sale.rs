@@ -306,6 +306,36 @@ async fn sigterm_exits_zero_and_a_restart_keeps_everything() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A stop closes the connections that are open but idle (a client pool's keep-alive,
+/// or one that has not sent a request yet) at once, rather than waiting out the grace
+/// period for them; the open-connection gauge counted both meanwhile.
+#[tokio::test]
+async fn sigterm_closes_idle_connections_at_once() {
+    let mut node = Node::start(&[("KEYDROP_SHUTDOWN_GRACE_SECS", "30")]).await;
+    // The test client keeps its connection in its pool after each request.
+    assert_eq!(node.get("/healthz").await.0, StatusCode::OK);
+    let address = node.url.strip_prefix("http://").expect("an http URL");
+    let _silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    eventually(
+        "both connections to be counted",
+        Duration::from_secs(10),
+        || async { (node.metric("keydrop_http_connections_open").await == 2.0).then_some(()) },
+    )
+    .await;
+
+    let status = node.sigterm();
+    assert_eq!(status.code(), Some(0), "log:\n{}", node.log());
+    let log = node.log();
+    assert!(
+        log.contains("waiting for open connections to finish") && log.contains("engine stopped"),
+        "log:\n{log}"
+    );
+    assert!(
+        !log.contains("did not finish in time"),
+        "idle connections held the stop for the whole grace period; log:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_import_finish() {
     let mut node = Node::start(&[]).await;

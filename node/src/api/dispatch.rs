@@ -10,25 +10,24 @@
 //! percent-escapes and wrong methods included, goes through the router and gets the
 //! answer it always got.
 //!
-//! The service is made once per accepted connection and keeps the peer's address,
-//! which an order reads from there; only requests for the router get it as the
-//! `ConnectInfo` extension its extractors read (inserting it allocates the request's
-//! extension map, about 850 instructions).
+//! The service is made once per accepted connection (`connections.rs`) and keeps the
+//! peer's address, which an order reads from there; only requests for the router get
+//! it as the `ConnectInfo` extension its extractors read (inserting it allocates the
+//! request's extension map, about 850 instructions).
 
 use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use axum::extract::{ConnectInfo, Request};
-use axum::http::Method;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request};
 use axum::response::Response;
-use axum::serve::IncomingStream;
 use axum::Router;
+use hyper::body::Incoming;
 use keydrop_engine::SkuId;
-use tokio::net::TcpListener;
-use tower::Service;
+use tower::Service as _;
 
 use super::orders;
 use super::request_metrics::RequestMetricsLayer;
@@ -54,22 +53,13 @@ impl Api {
             orders_metrics: RequestMetricsLayer::new(ORDERS_ROUTE),
         }
     }
-}
 
-impl Service<IncomingStream<'_, TcpListener>> for Api {
-    type Response = ConnectionApi;
-    type Error = Infallible;
-    type Future = Ready<Result<ConnectionApi, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, connection: IncomingStream<'_, TcpListener>) -> Self::Future {
-        ready(Ok(ConnectionApi {
+    /// The service for one accepted connection from `peer`.
+    pub fn for_connection(&self, peer: SocketAddr) -> ConnectionApi {
+        ConnectionApi {
             api: self.clone(),
-            peer: *connection.remote_addr(),
-        }))
+            peer,
+        }
     }
 }
 
@@ -82,24 +72,21 @@ pub struct ConnectionApi {
 
 type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-impl Service<Request> for ConnectionApi {
+impl hyper::service::Service<Request<Incoming>> for ConnectionApi {
     type Response = Response;
     type Error = Infallible;
     type Future = Answer;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The router is always ready, and so is the order handler.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut request: Request) -> Answer {
+    fn call(&self, request: Request<Incoming>) -> Answer {
+        let mut request = request.map(Body::new);
         if request.method() == Method::POST && order_route_sku(request.uri().path()).is_some() {
             let (state, peer) = (self.api.state.clone(), self.peer);
             let answer = async move { Ok(orders::create_order_direct(state, peer, request).await) };
             return Box::pin(self.api.orders_metrics.time(answer));
         }
         request.extensions_mut().insert(ConnectInfo(self.peer));
-        Box::pin(self.api.router.call(request))
+        // The router is always ready; a clone of it is a reference count.
+        Box::pin(self.api.router.clone().call(request))
     }
 }
 
