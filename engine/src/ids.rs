@@ -242,6 +242,13 @@ impl OrderId {
         u32::from_be_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
     }
 
+    /// The id as clients see it, 32 lowercase hex digits, written into `out`: what
+    /// `Display` prints, without a formatter for a caller building a response.
+    pub fn write_hex<'a>(&self, out: &'a mut [u8; 32]) -> &'a str {
+        hex::encode_to_slice(self.0, out).expect("32 hex digits for 16 bytes");
+        std::str::from_utf8(out).expect("hex digits are ASCII")
+    }
+
     pub fn slot(&self) -> u32 {
         self.route_hash() >> (32 - ROUTING_SLOT_BITS)
     }
@@ -269,9 +276,7 @@ impl FromStr for OrderId {
 
 impl fmt::Display for OrderId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = [0u8; 32];
-        hex::encode_to_slice(self.0, &mut text).expect("32 hex digits for 16 bytes");
-        f.write_str(std::str::from_utf8(&text).expect("hex digits are ASCII"))
+        f.write_str(self.write_hex(&mut [0u8; 32]))
     }
 }
 

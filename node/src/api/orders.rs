@@ -12,7 +12,6 @@
 //! is the buyer's capability to see the card, so it must not be guessable by brute
 //! force.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use axum::body::Body;
@@ -152,16 +151,17 @@ async fn place_order(state: AppState, request: Request, routing: Routing) -> Res
 /// Written by hand because every value is JSON-safe by construction (hex digits, a
 /// SKU id's `[A-Za-z0-9_-]`, digits, an RFC 3339 time): there is nothing to escape,
 /// and serde_json's character-by-character escaping was a visible share of an order.
+/// No formatter either: `write!` of the id and the price was half of what was left.
 fn reserved_body(view: &OrderView) -> String {
     let sku = view.sku.as_str();
     debug_assert!(sku.bytes().all(SkuId::allows_byte));
     let mut body = String::with_capacity(RESERVED_BODY_LEN_TYPICAL + sku.len());
     body.push_str(r#"{"order_id":""#);
-    write!(body, "{}", view.order_id).expect("writing to a String");
+    body.push_str(view.order_id.write_hex(&mut [0u8; 32]));
     body.push_str(r#"","sku":""#);
     body.push_str(sku);
     body.push_str(r#"","status":"reserved","price_cents":"#);
-    write!(body, "{}", view.price_cents).expect("writing to a String");
+    body.push_str(itoa::Buffer::new().format(view.price_cents));
     body.push_str(r#","expires_at":""#);
     push_rfc3339(&mut body, view.expires_at);
     body.push_str(r#""}"#);
