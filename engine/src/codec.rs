@@ -3,6 +3,12 @@
 //! record written by another version is recognised, and torn or flipped bytes are
 //! reported instead of decoded into nonsense. Decoding never panics: every decoder
 //! here takes untrusted bytes (disk corruption, an imported export bundle).
+//!
+//! A journal value is one record, or a run of one SKU's records with consecutive
+//! sequence numbers stored under the first one's key:
+//! `RUN_TAG | record count (u32 LE) | (record length (u32 LE) | record)*`, each record
+//! with its own header and checksum. A group commit holds many records of the same SKU; as a run they cost
+//! RocksDB one key (one memtable insert) instead of one each.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -13,6 +19,11 @@ use crate::sku::{Event, SkuSnapshot, SkuSnapshotRef};
 /// Bumped whenever the encoding of any record changes.
 pub const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 5;
+/// Leads a journal value that is a run of records. Not a format version: those count
+/// up from 1 and will not reach it.
+const RUN_TAG: u8 = 0xF0;
+/// The width of a run's record count and of each record's length.
+const RUN_LENGTH_LEN: usize = 4;
 /// Separates the SKU id from the sequence number in journal keys; SKU ids cannot
 /// contain it, so each SKU's records are one contiguous, ordered key range.
 const KEY_SEPARATOR: u8 = 0;
@@ -83,6 +94,74 @@ pub fn encode_events(events: &[crate::sku::Event]) -> Vec<u8> {
 
 pub fn decode_events(bytes: &[u8]) -> Result<Vec<Event>, CodecError> {
     decode(bytes)
+}
+
+/// Records of one SKU with consecutive sequence numbers, as one journal value (see
+/// the module doc). Each is a whole record, as [`encode_events`] made it.
+pub fn encode_run<'r>(records: impl IntoIterator<Item = &'r [u8]> + Clone) -> Vec<u8> {
+    let (count, bytes) = records
+        .clone()
+        .into_iter()
+        .fold((0usize, 0usize), |(count, bytes), record| {
+            (count + 1, bytes + RUN_LENGTH_LEN + record.len())
+        });
+    let mut run = Vec::with_capacity(1 + RUN_LENGTH_LEN + bytes);
+    run.push(RUN_TAG);
+    run.extend_from_slice(&length_field(count));
+    for record in records {
+        run.extend_from_slice(&length_field(record.len()));
+        run.extend_from_slice(record);
+    }
+    run
+}
+
+fn length_field(len: usize) -> [u8; RUN_LENGTH_LEN] {
+    u32::try_from(len)
+        .expect("a journal run and its records are far under 4 G")
+        .to_le_bytes()
+}
+
+/// The records a journal value holds, in sequence order: the value itself when it
+/// is one record, each record of a run otherwise. Only the framing is checked here
+/// (a run cut anywhere is an error); each record's header and checksum are checked
+/// when it is decoded.
+pub fn split_journal_value(value: &[u8]) -> Result<Vec<&[u8]>, CodecError> {
+    let Some((&RUN_TAG, rest)) = value.split_first() else {
+        return Ok(vec![value]);
+    };
+    let truncated = || CodecError::Truncated(value.len());
+    let (count, mut rest) = rest
+        .split_first_chunk::<RUN_LENGTH_LEN>()
+        .ok_or_else(truncated)?;
+    let count = u32::from_le_bytes(*count) as usize;
+    if count == 0 {
+        return Err(CodecError::Payload("a run of no records".into()));
+    }
+    // Every record takes at least its length field: a count the bytes cannot hold
+    // is refused before anything is allocated for it.
+    if count > rest.len() / RUN_LENGTH_LEN {
+        return Err(truncated());
+    }
+    let mut records = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (len, after) = rest
+            .split_first_chunk::<RUN_LENGTH_LEN>()
+            .ok_or_else(truncated)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > after.len() {
+            return Err(truncated());
+        }
+        let (record, after) = after.split_at(len);
+        records.push(record);
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(CodecError::Payload(format!(
+            "{} bytes after a run's last record",
+            rest.len()
+        )));
+    }
+    Ok(records)
 }
 
 #[derive(Serialize)]
@@ -231,6 +310,40 @@ mod tests {
         let mut wrong_version = vec![0u8; 64];
         wrong_version[0] = 0xee;
         assert!(decode::<SealedSecret>(&encode(&wrong_version)).is_err());
+    }
+
+    #[test]
+    fn a_run_splits_into_its_records_and_a_single_record_into_itself() {
+        let records: Vec<Vec<u8>> = (0..3u32)
+            .map(|n| encode_events(&vec![sample()[0].clone(); n as usize]))
+            .collect();
+        let run = encode_run(records.iter().map(Vec::as_slice));
+        assert_eq!(run[0], RUN_TAG);
+        let split = split_journal_value(&run).unwrap();
+        assert_eq!(split, records.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        for record in split {
+            decode_events(record).unwrap();
+        }
+        assert_eq!(
+            split_journal_value(&records[1]).unwrap(),
+            vec![&records[1][..]]
+        );
+    }
+
+    #[test]
+    fn a_cut_padded_or_empty_run_is_an_error() {
+        let record = encode_events(&sample());
+        let run = encode_run([record.as_slice(), record.as_slice()]);
+        // (Cut to nothing, it is an empty value: one record, refused when decoded.)
+        for len in 1..run.len() {
+            assert!(split_journal_value(&run[..len]).is_err(), "cut to {len}");
+        }
+        let mut padded = run.clone();
+        padded.push(0);
+        assert!(split_journal_value(&padded).is_err());
+        assert!(split_journal_value(&encode_run(std::iter::empty::<&[u8]>())).is_err());
+        // A count no bytes could hold.
+        assert!(split_journal_value(&[RUN_TAG, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]

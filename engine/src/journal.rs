@@ -1,9 +1,10 @@
 //! The journal: the only module that touches RocksDB.
 //!
 //! Layout, one column family each:
-//! - `journal`: `sku id | 0x00 | seq (u64 BE)` → the events of one command. A SKU's
-//!   records form one contiguous key range, so a SKU can be replayed, exported or
-//!   trimmed on its own.
+//! - `journal`: `sku id | 0x00 | seq (u64 BE)` → the events of one command, or a run
+//!   of the SKU's records from `seq` on (`codec::encode_run`: the records of one SKU
+//!   in one batch cost one key). A SKU's records form one contiguous key range, so a
+//!   SKU can be replayed, exported or trimmed on its own.
 //! - `snapshots`: `sku id` → the SKU's whole state as of some seq. Writing a snapshot
 //!   deletes the journal records it covers in the same atomic batch.
 //!
@@ -459,14 +460,13 @@ impl Journal {
                 replayed: 0,
                 broken: false,
             });
-            if let Err(problem) = replay.feed(&id, seq, &value) {
-                corrupt.push(CorruptRecord {
+            match replay.feed(&id, seq, &value) {
+                Ok(records) => report.records_replayed += records,
+                Err(problem) => corrupt.push(CorruptRecord {
                     sku: Some(id),
                     seq: Some(seq),
                     problem,
-                });
-            } else {
-                report.records_replayed += 1;
+                }),
             }
         }
         if !corrupt.is_empty() {
@@ -608,16 +608,36 @@ struct Replay {
 }
 
 impl Replay {
-    fn feed(&mut self, id: &SkuId, seq: u64, value: &[u8]) -> Result<(), String> {
+    /// Applies one journal value, the record at `seq` or the run of records from
+    /// `seq` on; returns how many records it held.
+    fn feed(&mut self, id: &SkuId, seq: u64, value: &[u8]) -> Result<u64, String> {
         if self.broken {
             return Err("follows a corrupt record".into());
         }
-        let result = self.feed_inner(id, seq, value);
+        let result = self.feed_value(id, seq, value);
         self.broken = result.is_err();
         result
     }
 
-    fn feed_inner(&mut self, id: &SkuId, seq: u64, value: &[u8]) -> Result<(), String> {
+    fn feed_value(&mut self, id: &SkuId, first_seq: u64, value: &[u8]) -> Result<u64, String> {
+        let records = codec::split_journal_value(value).map_err(|e| e.to_string())?;
+        let in_run = records.len() > 1;
+        for (offset, record) in (0u64..).zip(&records) {
+            let seq = first_seq
+                .checked_add(offset)
+                .ok_or("a run past the last sequence number")?;
+            self.feed_record(id, seq, record).map_err(|problem| {
+                if in_run {
+                    format!("record {seq} of the run from {first_seq}: {problem}")
+                } else {
+                    problem
+                }
+            })?;
+        }
+        Ok(records.len() as u64)
+    }
+
+    fn feed_record(&mut self, id: &SkuId, seq: u64, value: &[u8]) -> Result<(), String> {
         if seq <= self.seq {
             // Covered by the snapshot (a trim interrupted by a crash cannot leave
             // these, but they would be harmless).
@@ -791,6 +811,99 @@ impl JournalError {
     }
 }
 
+/// The `WriteBatch` for the writes of one group commit. Each SKU's appends with
+/// consecutive sequence numbers become one run under the first one's key; a run is
+/// closed before a snapshot of its SKU, whose trim of the records it covers
+/// (`..=seq`) then takes whole runs, never part of one.
+fn batch_of(
+    writes: &[JournalWrite],
+    journal_cf: &rocksdb::ColumnFamily,
+    snapshots_cf: &rocksdb::ColumnFamily,
+) -> WriteBatch {
+    let mut batch = WriteBatch::default();
+    let mut runs = Runs::default();
+    for write in writes {
+        match &write.op {
+            JournalOp::Append { seq, record } => {
+                runs.append(&write.sku, *seq, record, &mut batch, journal_cf);
+            }
+            JournalOp::Snapshot { seq, record } => {
+                runs.close(&write.sku, &mut batch, journal_cf);
+                batch.put_cf(snapshots_cf, codec::snapshot_key(&write.sku), record);
+                batch.delete_range_cf(
+                    journal_cf,
+                    codec::journal_key(&write.sku, 0),
+                    codec::journal_key(&write.sku, seq + 1),
+                );
+            }
+            JournalOp::Barrier => {}
+        }
+    }
+    runs.close_all(&mut batch, journal_cf);
+    batch
+}
+
+/// Each SKU's open run of records while a batch is built.
+#[derive(Default)]
+struct Runs<'w> {
+    open: HashMap<&'w SkuId, Run<'w>, foldhash::fast::RandomState>,
+}
+
+struct Run<'w> {
+    first_seq: u64,
+    records: Vec<&'w [u8]>,
+}
+
+impl<'w> Runs<'w> {
+    fn append(
+        &mut self,
+        sku: &'w SkuId,
+        seq: u64,
+        record: &'w [u8],
+        batch: &mut WriteBatch,
+        journal_cf: &rocksdb::ColumnFamily,
+    ) {
+        if let Some(run) = self.open.get_mut(sku) {
+            if run.first_seq + run.records.len() as u64 == seq {
+                run.records.push(record);
+                return;
+            }
+            // Not the next record (an actor that reloaded after a failed write starts
+            // again from what is on disk): what came before is a run of its own.
+            self.close(sku, batch, journal_cf);
+        }
+        self.open.insert(
+            sku,
+            Run {
+                first_seq: seq,
+                records: vec![record],
+            },
+        );
+    }
+
+    fn close(&mut self, sku: &SkuId, batch: &mut WriteBatch, journal_cf: &rocksdb::ColumnFamily) {
+        if let Some(run) = self.open.remove(sku) {
+            run.put(sku, batch, journal_cf);
+        }
+    }
+
+    fn close_all(self, batch: &mut WriteBatch, journal_cf: &rocksdb::ColumnFamily) {
+        for (sku, run) in self.open {
+            run.put(sku, batch, journal_cf);
+        }
+    }
+}
+
+impl Run<'_> {
+    fn put(&self, sku: &SkuId, batch: &mut WriteBatch, journal_cf: &rocksdb::ColumnFamily) {
+        let key = codec::journal_key(sku, self.first_seq);
+        match self.records.as_slice() {
+            [record] => batch.put_cf(journal_cf, key, record),
+            records => batch.put_cf(journal_cf, key, codec::encode_run(records.iter().copied())),
+        }
+    }
+}
+
 fn run_writer(
     db: &DB,
     receiver: &mpsc::Receiver<WriterMsg>,
@@ -838,7 +951,6 @@ fn run_writer(
         }
         let taken = pending.len();
         previous_batch = taken;
-        let mut batch = WriteBatch::default();
         let mut accepted: Vec<JournalWrite> = Vec::with_capacity(taken);
         let mut refused: Vec<JournalWrite> = Vec::new();
         let mut too_large: Vec<JournalWrite> = Vec::new();
@@ -850,11 +962,8 @@ fn run_writer(
                 }
                 fenced.remove(&write.sku);
             }
-            match &write.op {
-                JournalOp::Append { seq, record } => {
-                    batch.put_cf(journal_cf, codec::journal_key(&write.sku, *seq), record);
-                }
-                JournalOp::Snapshot { record, .. } if record.len() > SNAPSHOT_RECORD_BYTES_MAX => {
+            if let JournalOp::Snapshot { record, .. } = &write.op {
+                if record.len() > SNAPSHOT_RECORD_BYTES_MAX {
                     tracing::error!(
                         sku = %write.sku,
                         bytes = record.len(),
@@ -863,18 +972,10 @@ fn run_writer(
                     too_large.push(write);
                     continue;
                 }
-                JournalOp::Snapshot { seq, record } => {
-                    batch.put_cf(snapshots_cf, codec::snapshot_key(&write.sku), record);
-                    batch.delete_range_cf(
-                        journal_cf,
-                        codec::journal_key(&write.sku, 0),
-                        codec::journal_key(&write.sku, seq + 1),
-                    );
-                }
-                JournalOp::Barrier => {}
             }
             accepted.push(write);
         }
+        let batch = batch_of(&accepted, journal_cf, snapshots_cf);
         answers.send(refused, Some(JournalError::Fenced));
         answers.send(
             too_large,
@@ -1090,6 +1191,82 @@ mod tests {
         for name in [CF_JOURNAL, CF_SNAPSHOTS] {
             db.flush_cf(cf(&db, name)).unwrap();
         }
+    }
+
+    /// One batch of interleaved writes: each SKU's consecutive records go under one
+    /// key, a gap starts a new run, and a snapshot trims the run before it whole
+    /// (closed before the trim, it cannot outlive it) and nothing after it.
+    #[test]
+    fn a_batch_keeps_each_skus_consecutive_records_as_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (resync, _) = tokio::sync::mpsc::unbounded_channel();
+        let journal = Journal::open(dir.path(), JournalOptions::default(), resync, None).unwrap();
+        let (a, b) = (SkuId::parse("a").unwrap(), SkuId::parse("b").unwrap());
+        let write = |sku: &SkuId, op| JournalWrite {
+            sku: sku.clone(),
+            epoch: None,
+            op,
+            done: Box::new(|_| {}),
+        };
+        let append = |sku: &SkuId, seq: u64| {
+            write(
+                sku,
+                JournalOp::Append {
+                    seq,
+                    record: format!("{sku}{seq}").into_bytes(),
+                },
+            )
+        };
+        let writes = vec![
+            append(&a, 1),
+            append(&b, 7),
+            append(&a, 2),
+            append(&b, 8),
+            write(
+                &a,
+                JournalOp::Snapshot {
+                    seq: 2,
+                    record: b"a as of 2".to_vec(),
+                },
+            ),
+            append(&a, 3),
+            write(&b, JournalOp::Barrier),
+            append(&a, 4),
+            append(&b, 10),
+        ];
+        let db = journal.db().unwrap();
+        db.write(batch_of(
+            &writes,
+            cf(&db, CF_JOURNAL),
+            cf(&db, CF_SNAPSHOTS),
+        ))
+        .unwrap();
+
+        let stored: Vec<(Vec<u8>, Vec<Vec<u8>>)> = db
+            .iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start)
+            .map(|item| {
+                let (key, value) = item.unwrap();
+                let records = codec::split_journal_value(&value).unwrap();
+                (
+                    key.to_vec(),
+                    records.into_iter().map(<[u8]>::to_vec).collect(),
+                )
+            })
+            .collect();
+        let expected: Vec<(Vec<u8>, Vec<Vec<u8>>)> = vec![
+            (
+                codec::journal_key(&a, 3),
+                vec![b"a3".to_vec(), b"a4".to_vec()],
+            ),
+            (
+                codec::journal_key(&b, 7),
+                vec![b"b7".to_vec(), b"b8".to_vec()],
+            ),
+            (codec::journal_key(&b, 10), vec![b"b10".to_vec()]),
+        ];
+        assert_eq!(stored, expected);
+        drop(db);
+        journal.close();
     }
 
     /// Every record's key, in order, read back by a freshly opened journal.

@@ -62,6 +62,9 @@ proptest! {
     fn arbitrary_bytes_never_panic_a_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = codec::decode_events(&bytes);
         let _ = codec::decode_snapshot(&bytes);
+        let _ = codec::split_journal_value(&bytes);
+        // The same bytes behind the tag that marks a run of records.
+        let _ = codec::split_journal_value(&[&[0xf0][..], &bytes].concat());
         let _ = codec::parse_journal_key(&bytes);
         let _ = codec::parse_snapshot_key(&bytes);
         let _ = SealedSecret::from_bytes(bytes.clone());

@@ -96,6 +96,70 @@ async fn restart_without_clean_shutdown_replays_the_journal() {
     o.engine.shutdown().await;
 }
 
+/// Reservations of two SKUs that reach the journal in one group commit are stored as
+/// one run of records per SKU; after a crash every record of every run is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_committed_together_are_all_replayed_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let ids = [sku("run-a"), sku("run-b")];
+    let per_sku = 50;
+    let mut orders = Vec::new();
+    {
+        let o = open(dir.path(), &clock, &[KEY_A]).await;
+        for (n, id) in ids.iter().enumerate() {
+            o.stocked(id, cards(&format!("R{n}"), 0..60)).await;
+        }
+        // Held, the disk lets the reservations pile up in the journal's queue; once
+        // released they are written together.
+        o.fault.hold_writes();
+        let release = ReleaseOnDrop(o.fault.clone());
+        let mut pending = Vec::new();
+        for i in 0..per_sku {
+            for id in &ids {
+                let mut reservation = Box::pin(o.engine.reserve(id, buyer(&format!("b{i}"))));
+                assert!(poll_once(&mut reservation).await.is_none());
+                pending.push(reservation);
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(60), || o.engine.journal_queue_depth()
+                >= 2 * per_sku)
+            .await,
+            "queued: {}",
+            o.engine.journal_queue_depth()
+        );
+        drop(release);
+        for reservation in pending {
+            orders.push(reservation.await.unwrap().order_id);
+        }
+        // No snapshot: the next open has only the journal.
+        o.engine.halt().await;
+    }
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    assert!(o.engine.recovery_report().records_replayed >= 2 * (2 + per_sku as u64));
+    for order_id in &orders {
+        assert_eq!(
+            o.engine.order(order_id).await.unwrap().view.status,
+            OrderStatus::Reserved
+        );
+    }
+    for id in &ids {
+        assert_eq!(o.engine.sku(id).unwrap().counts.reserved, per_sku as u64);
+    }
+    o.engine.shutdown().await;
+}
+
+/// Lets held journal writes go however a test ends, so a failure is reported rather
+/// than hung.
+struct ReleaseOnDrop(keydrop_engine::journal::FaultInjector);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release_writes();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_expire_within_a_second_also_across_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -565,14 +629,7 @@ async fn a_full_journal_queue_refuses_at_once_and_loses_nothing_that_got_in() {
     }
 
     o.fault.hold_writes();
-    // Released however the test ends, so a failure is reported rather than hung.
-    struct Release(keydrop_engine::journal::FaultInjector);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.release_writes();
-        }
-    }
-    let release = Release(o.fault.clone());
+    let release = ReleaseOnDrop(o.fault.clone());
     let mut inside = Vec::new();
     for (n, id) in ids.iter().enumerate() {
         for i in 0..per_sku {

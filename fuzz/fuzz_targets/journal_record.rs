@@ -1,22 +1,30 @@
-//! Journal records from disk: decoding and then replaying them must never panic,
-//! whatever the bytes; bad records are errors. Half the inputs are given a valid
-//! header and checksum, so the payload decoder and replay see mutated payloads, not
-//! only checksum failures.
+//! Journal values from disk: splitting one into records, decoding them and replaying
+//! them must never panic, whatever the bytes; bad values are errors. Inputs are
+//! taken raw, as one record behind a valid header and checksum, or as a run of such
+//! records, so the run framing, the payload decoder and replay all see mutated input,
+//! not only checksum failures.
 #![no_main]
 
 use keydrop_engine::codec;
 use keydrop_engine::sku::Sku;
 use keydrop_engine::SkuId;
-use keydrop_fuzz::record_from;
+use keydrop_fuzz::journal_value_from;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some(record) = record_from(data) else {
+    let Some(value) = journal_value_from(data) else {
         return;
     };
-    let Ok(events) = codec::decode_events(&record) else {
+    let Ok(records) = codec::split_journal_value(&value) else {
         return;
     };
+    let mut events = Vec::new();
+    for record in records {
+        let Ok(decoded) = codec::decode_events(record) else {
+            return;
+        };
+        events.extend(decoded);
+    }
     let id = SkuId::parse("fuzz").expect("valid id");
     let mut sku: Option<Sku> = None;
     for event in &events {

@@ -23,3 +23,22 @@ pub fn record_from(data: &[u8]) -> Option<Vec<u8>> {
         with_valid_checksum(rest)
     })
 }
+
+/// The journal value a fuzz input stands for: its first byte picks the rest taken as
+/// it is, put behind a valid record header, or cut at every `0xff` into records each
+/// behind a valid header and framed as a run (`codec::encode_run`), so that the run
+/// framing and the records inside a run are both reached.
+pub fn journal_value_from(data: &[u8]) -> Option<Vec<u8>> {
+    let (&mode, rest) = data.split_first()?;
+    Some(match mode % 3 {
+        0 => rest.to_vec(),
+        1 => with_valid_checksum(rest),
+        _ => {
+            let records: Vec<Vec<u8>> = rest
+                .split(|&b| b == 0xff)
+                .map(with_valid_checksum)
+                .collect();
+            keydrop_engine::codec::encode_run(records.iter().map(Vec::as_slice))
+        }
+    })
+}
