@@ -39,8 +39,9 @@ pub async fn serve(listener: TcpListener, api: Api, mut stop: watch::Receiver<bo
     let drain = Arc::new(Drain::default());
     let mut http = http1::Builder::new();
     http.half_close(true)
-        // No timer is given, so no timeout can run; saying so keeps hyper from
-        // quietly dropping its default one.
+        // hyper times a request head only with a timer, which would cost every
+        // request a timer entry; without one its default timeout is dropped anyway,
+        // and this says so.
         .header_read_timeout(None);
     let mut next_id: u64 = 0;
     loop {
