@@ -299,8 +299,11 @@ async fn reservations_and_their_refusals() {
     };
     let first = node.send(keyed("bob", "k-1", Some("dev-1"))).await;
     assert_eq!(first.0, StatusCode::CREATED);
-    let again = node.send(keyed("bob", "k-1", Some("dev-1"))).await;
-    assert_eq!(again, first);
+    let again = keyed("bob", "k-1", Some("dev-1")).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["content-type"], "application/json");
+    assert_eq!(again.json::<Value>().await.unwrap(), first.1);
     assert_error(
         &node.send(keyed("carol", "k-1", Some("dev-1"))).await,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -423,12 +426,20 @@ async fn an_order_is_the_same_whichever_way_its_path_is_dispatched() {
             .json(&json!({ "user_id": user }))
     };
 
-    let (status, direct) = node.send(order_at("/v1/skus/s-9/orders", "ann")).await;
-    assert_eq!(status, StatusCode::CREATED, "{direct}");
     // `%2D` is `-`: only the router decodes it.
-    let (status, routed) = node.send(order_at("/v1/skus/s%2D9/orders", "ben")).await;
-    assert_eq!(status, StatusCode::CREATED, "{routed}");
-    for order in [&direct, &routed] {
+    for (path, user) in [
+        ("/v1/skus/s-9/orders", "ann"),
+        ("/v1/skus/s%2D9/orders", "ben"),
+    ] {
+        let response = order_at(path, user).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{path}"
+        );
+        assert!(!response.headers().contains_key("idempotent-replayed"));
+        let order: Value = response.json().await.unwrap();
         assert_eq!(order["sku"], "s-9");
         assert_eq!(order["price_cents"], 700);
     }
