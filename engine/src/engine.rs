@@ -82,7 +82,10 @@ struct SkuHandle {
 
 struct Inner {
     journal: Arc<Journal>,
-    skus: DashMap<SkuId, SkuHandle>,
+    /// Read twice by every order. SKU ids are chosen by the operator, not by
+    /// buyers (a lookup of an unknown id inserts nothing), so a fast seeded hash
+    /// serves.
+    skus: DashMap<SkuId, SkuHandle, foldhash::fast::RandomState>,
     /// Route hash → SKUs with that hash (almost always one), to find an order's SKU.
     routes: DashMap<u32, Vec<SkuId>>,
     keys: Arc<KeyRing>,
@@ -124,7 +127,7 @@ impl Engine {
         );
         let inner = Arc::new(Inner {
             journal: Arc::new(journal),
-            skus: DashMap::new(),
+            skus: DashMap::default(),
             routes: DashMap::new(),
             keys: config.keys,
             clock: config.clock,

@@ -7,7 +7,9 @@
 //! buckets of clients seen within about `burst / rate` seconds. User and device ids
 //! are stored as 64-bit keyed hashes rather than strings: a few bytes per bucket
 //! instead of up to 128, and the per-process random key (SipHash) keeps anyone from
-//! crafting ids that collide into one bucket.
+//! crafting ids that collide into one bucket. Those keys are already uniform and
+//! secret, so their bucket maps hash them again with foldhash rather than a second
+//! SipHash; the IP map, keyed by addresses a client picks, keeps SipHash.
 //!
 //! Measured (`KEYDROP_ADMISSION_USERS=10000000 cargo test -p keydrop-node --lib
 //! memory_per_bucket -- --nocapture`, dev profile, mimalloc as in the binary):
@@ -26,8 +28,10 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
-use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
 use keydrop_engine::{DeviceId, UserId};
 
 use crate::config::Config;
@@ -65,12 +69,18 @@ pub struct Rejected {
     pub retry_after: Duration,
 }
 
-struct Limiter<K: std::hash::Hash + Eq + Clone> {
+/// Keyed token buckets, their map hashing keys with `S`.
+struct Limiter<K: std::hash::Hash + Eq + Clone, S: BuildHasher + Clone> {
     scope: Scope,
-    buckets: DefaultKeyedRateLimiter<K>,
+    buckets: RateLimiter<
+        K,
+        DashMapStateStore<K, S>,
+        DefaultClock,
+        NoOpMiddleware<<DefaultClock as Clock>::Instant>,
+    >,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
+impl<K: std::hash::Hash + Eq + Clone, S: BuildHasher + Clone + Default> Limiter<K, S> {
     /// `None` when the rate is 0 (off).
     fn new(scope: Scope, rate: u32, burst: u32) -> Option<Self> {
         let rate = NonZeroU32::new(rate)?;
@@ -78,7 +88,11 @@ impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
         let quota = Quota::per_second(rate).allow_burst(burst);
         Some(Limiter {
             scope,
-            buckets: DefaultKeyedRateLimiter::dashmap(quota),
+            buckets: RateLimiter::dashmap_with_clock_and_hasher(
+                quota,
+                DefaultClock::default(),
+                S::default(),
+            ),
         })
     }
 
@@ -98,10 +112,13 @@ impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
     }
 }
 
+/// Buckets keyed by a keyed hash of an id (see the module doc).
+type HashedIdLimiter = Limiter<u64, foldhash::fast::RandomState>;
+
 pub struct Admission {
-    per_user: Option<Limiter<u64>>,
-    per_ip: Option<Limiter<IpAddr>>,
-    per_device: Option<Limiter<u64>>,
+    per_user: Option<HashedIdLimiter>,
+    per_ip: Option<Limiter<IpAddr, std::hash::RandomState>>,
+    per_device: Option<HashedIdLimiter>,
     trusted_proxies: Vec<IpAddr>,
     hasher: std::hash::RandomState,
     /// Slots for orders inside the node, and how their bound moves; `None` when
