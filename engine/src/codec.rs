@@ -7,8 +7,10 @@
 //! A journal value is one record, or a run of one SKU's records with consecutive
 //! sequence numbers stored under the first one's key:
 //! `RUN_TAG | record count (u32 LE) | (record length (u32 LE) | record)*`, each record
-//! with its own header and checksum. A group commit holds many records of the same SKU; as a run they cost
-//! RocksDB one key (one memtable insert) instead of one each.
+//! with its own header and checksum. A group commit holds many records of the same
+//! SKU; as a run they cost RocksDB one key (one memtable insert) instead of one each.
+//! A record starts with its format version, never with `RUN_TAG`, so the first byte
+//! tells the two apart.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -22,6 +24,7 @@ const HEADER_LEN: usize = 5;
 /// Leads a journal value that is a run of records. Not a format version: those count
 /// up from 1 and will not reach it.
 const RUN_TAG: u8 = 0xF0;
+const _: () = assert!(FORMAT_VERSION != RUN_TAG);
 /// The width of a run's record count and of each record's length.
 const RUN_LENGTH_LEN: usize = 4;
 /// Separates the SKU id from the sequence number in journal keys; SKU ids cannot
