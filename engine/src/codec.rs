@@ -120,7 +120,7 @@ pub fn encode_run<'r>(records: impl IntoIterator<Item = &'r [u8]> + Clone) -> Ve
 
 fn length_field(len: usize) -> [u8; RUN_LENGTH_LEN] {
     u32::try_from(len)
-        .expect("a journal run and its records are far under 4 G")
+        .expect("the journal writer closes a run at 16 MiB, and a batch holds 4,096 records")
         .to_le_bytes()
 }
 

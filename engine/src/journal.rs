@@ -852,7 +852,13 @@ struct Runs<'w> {
 struct Run<'w> {
     first_seq: u64,
     records: Vec<&'w [u8]>,
+    /// The records' bytes, so a run stays far under what its framing can count.
+    bytes: usize,
 }
+
+/// A run is closed before it would grow past this; the next record starts another
+/// under its own key. A batch of small order records never comes near it.
+const RUN_BYTES_MAX: usize = 16 << 20;
 
 impl<'w> Runs<'w> {
     fn append(
@@ -864,12 +870,15 @@ impl<'w> Runs<'w> {
         journal_cf: &rocksdb::ColumnFamily,
     ) {
         if let Some(run) = self.open.get_mut(sku) {
-            if run.first_seq + run.records.len() as u64 == seq {
+            let next = run.first_seq + run.records.len() as u64 == seq;
+            if next && run.bytes + record.len() <= RUN_BYTES_MAX {
                 run.records.push(record);
+                run.bytes += record.len();
                 return;
             }
             // Not the next record (an actor that reloaded after a failed write starts
-            // again from what is on disk): what came before is a run of its own.
+            // again from what is on disk), or a run full: what came before is a run
+            // of its own.
             self.close(sku, batch, journal_cf);
         }
         self.open.insert(
@@ -877,6 +886,7 @@ impl<'w> Runs<'w> {
             Run {
                 first_seq: seq,
                 records: vec![record],
+                bytes: record.len(),
             },
         );
     }
@@ -1265,6 +1275,42 @@ mod tests {
             (codec::journal_key(&b, 10), vec![b"b10".to_vec()]),
         ];
         assert_eq!(stored, expected);
+        drop(db);
+        journal.close();
+    }
+
+    /// Consecutive records that would take a run past `RUN_BYTES_MAX` start another.
+    #[test]
+    fn a_run_is_closed_before_it_outgrows_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (resync, _) = tokio::sync::mpsc::unbounded_channel();
+        let journal = Journal::open(dir.path(), JournalOptions::default(), resync, None).unwrap();
+        let sku = SkuId::parse("big").unwrap();
+        let big = RUN_BYTES_MAX / 2 + 1;
+        let writes: Vec<JournalWrite> = (1..=3)
+            .map(|seq| JournalWrite {
+                sku: sku.clone(),
+                epoch: None,
+                op: JournalOp::Append {
+                    seq,
+                    record: vec![b'x'; big],
+                },
+                done: Box::new(|_| {}),
+            })
+            .collect();
+        let db = journal.db().unwrap();
+        db.write(batch_of(
+            &writes,
+            cf(&db, CF_JOURNAL),
+            cf(&db, CF_SNAPSHOTS),
+        ))
+        .unwrap();
+        let keys: Vec<Vec<u8>> = db
+            .iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start)
+            .map(|item| item.unwrap().0.to_vec())
+            .collect();
+        let expected: Vec<Vec<u8>> = (1..=3).map(|seq| codec::journal_key(&sku, seq)).collect();
+        assert_eq!(keys, expected);
         drop(db);
         journal.close();
     }
