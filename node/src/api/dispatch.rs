@@ -78,12 +78,14 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionApi {
     type Future = Answer;
 
     fn call(&self, request: Request<Incoming>) -> Answer {
-        let mut request = request.map(Body::new);
         if request.method() == Method::POST && order_route_sku(request.uri().path()).is_some() {
+            // hyper's body as it is: boxing it into axum's `Body` is an allocation the
+            // handler has no use for.
             let (state, peer) = (self.api.state.clone(), self.peer);
             let answer = async move { Ok(orders::create_order_direct(state, peer, request).await) };
             return Box::pin(self.api.orders_metrics.time(answer));
         }
+        let mut request = request.map(Body::new);
         request.extensions_mut().insert(ConnectInfo(self.peer));
         // The router is always ready; a clone of it is a reference count.
         Box::pin(self.api.router.clone().call(request))

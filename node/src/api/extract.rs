@@ -17,16 +17,22 @@ use subtle::ConstantTimeEq;
 use super::error::ApiError;
 use super::AppState;
 
-/// A request body read frame by frame, refusing to go past `limit_bytes`.
-pub struct LimitedBody {
-    body: Body,
+/// A request body read frame by frame, refusing to go past `limit_bytes`. Routed
+/// requests have axum's boxed [`Body`]; an order dispatched ahead of the router reads
+/// hyper's own body, unboxed.
+pub struct LimitedBody<B = Body> {
+    body: B,
     limit_bytes: usize,
     read_bytes: usize,
 }
 
-impl LimitedBody {
+impl<B> LimitedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     /// Refuses at once when the declared `Content-Length` is over the limit.
-    pub fn new(headers: &HeaderMap, body: Body, limit_bytes: usize) -> Result<Self, ApiError> {
+    pub fn new(headers: &HeaderMap, body: B, limit_bytes: usize) -> Result<Self, ApiError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -82,11 +88,15 @@ impl LimitedBody {
 }
 
 /// Reads the whole body (up to `limit_bytes`).
-pub async fn read_body(
+pub async fn read_body<B>(
     headers: &HeaderMap,
-    body: Body,
+    body: B,
     limit_bytes: usize,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, ApiError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     LimitedBody::new(headers, body, limit_bytes)?
         .collect()
         .await

@@ -14,11 +14,12 @@
 
 use std::net::SocketAddr;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{self as http, header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hyper::body::Incoming;
 use keydrop_engine::{
     DeviceId, IdempotencyKey, OrderId, OrderView, RequestFingerprint, Reservation, SkuError, SkuId,
     SkuStatus, UserId,
@@ -74,7 +75,11 @@ pub async fn create_order(State(state): State<AppState>, request: Request) -> Re
 /// The same for a path [`dispatch::order_route_sku`] accepted, sent here ahead of
 /// the router by the connection from `peer`: the `{sku}` segment is read from the
 /// path itself.
-pub async fn create_order_direct(state: AppState, peer: SocketAddr, request: Request) -> Response {
+pub async fn create_order_direct(
+    state: AppState,
+    peer: SocketAddr,
+    request: http::Request<Incoming>,
+) -> Response {
     place_order(state, request, Routing::Direct { peer }).await
 }
 
@@ -84,7 +89,11 @@ enum Routing {
     Direct { peer: SocketAddr },
 }
 
-async fn place_order(state: AppState, request: Request, routing: Routing) -> Response {
+async fn place_order<B>(state: AppState, request: http::Request<B>, routing: Routing) -> Response
+where
+    B: HttpBody<Data = Bytes> + Unpin + Send,
+    B::Error: std::fmt::Display,
+{
     // Bounded before any work, extractors included: past the bound a buyer is told to
     // come back (503 with Retry-After) rather than wait behind a queue that cannot
     // drain in time, and in a crowd most requests end here, so the refusal costs
@@ -191,13 +200,17 @@ pub fn parse_order_headers(
     Ok((device, key))
 }
 
-async fn reserve(
+async fn reserve<B>(
     state: &AppState,
     ip: std::net::IpAddr,
     sku: Result<SkuPath, ApiError>,
     headers: &HeaderMap,
-    body: Body,
-) -> Result<OrderView, ApiError> {
+    body: B,
+) -> Result<OrderView, ApiError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let engine = state.engine()?;
     state.admission.check_ip(ip).map_err(rate_limited)?;
     let SkuPath(sku) = sku?;
