@@ -19,6 +19,7 @@
 
 mod model;
 mod prefault;
+mod time_index;
 
 pub use model::{
     Card, CardState, Command, Event, ImportOutcome, LimitScope, NewCard, Order, OrderStatus,
@@ -26,7 +27,7 @@ pub use model::{
     SkuError, SkuSnapshot, SkuSnapshotRef, SkuStatus, SkuView, StockCounts,
 };
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Maps keyed by buyer-controlled strings (user, device, idempotency key): foldhash's
 /// seeded quality hasher is several times cheaper than SipHash on the purchase path
@@ -42,6 +43,7 @@ use crate::limits::{
 };
 use crate::vault::SealedSecret;
 use prefault::Prefaulted;
+use time_index::TimeIndex;
 
 /// Index of a card within its SKU, in import order.
 pub type CardIndex = u32;
@@ -88,10 +90,10 @@ pub struct Sku {
     user_live_orders: FastMap<UserId, u32>,
     device_live_orders: FastMap<DeviceId, u32>,
     idempotency_index: FastMap<IdempotencyKey, OrderId>,
-    expiry_queue: BTreeSet<(Timestamp, OrderId)>,
+    expiry_queue: TimeIndex,
     /// Ended orders by the time they ended, oldest first: what pruning looks at.
     /// Orders holding a refused payment are left out: they stay for the refund.
-    ended_queue: BTreeSet<(Timestamp, OrderId)>,
+    ended_queue: TimeIndex,
     /// The latest `now` seen; time never runs backwards inside the machine.
     last_now: Timestamp,
 }
@@ -129,8 +131,8 @@ impl Sku {
             user_live_orders: FastMap::default(),
             device_live_orders: FastMap::default(),
             idempotency_index: FastMap::default(),
-            expiry_queue: BTreeSet::new(),
-            ended_queue: BTreeSet::new(),
+            expiry_queue: TimeIndex::default(),
+            ended_queue: TimeIndex::default(),
             last_now: Timestamp(0),
         }
     }
@@ -215,7 +217,7 @@ impl Sku {
 
     /// When the next reservation falls due, so the owner knows when to wake up.
     pub fn next_expiry(&self) -> Option<Timestamp> {
-        self.expiry_queue.first().map(|(at, _)| *at)
+        self.expiry_queue.first_at()
     }
 
     /// Serials and sealed secrets of cards not sealed under `current_key_id`, at most
@@ -307,7 +309,7 @@ impl Sku {
         self.ended_queue
             .iter()
             .take_while(|(ended_at, _)| ended_at.as_millis() <= ended_before)
-            .map(|&(_, id)| id)
+            .map(|(_, id)| id)
             .take(PRUNE_BATCH_ORDERS_MAX)
             .collect()
     }
@@ -529,7 +531,7 @@ impl Sku {
             .iter()
             .take_while(|(at, _)| *at <= now)
             .take(EXPIRE_BATCH_ORDERS_MAX)
-            .map(|(_, id)| *id)
+            .map(|(_, id)| id)
             .collect()
     }
 
@@ -611,7 +613,7 @@ impl Sku {
                 if let Some((key, _)) = idempotency {
                     self.idempotency_index.insert(key.clone(), *order_id);
                 }
-                self.expiry_queue.insert((*expires_at, *order_id));
+                self.expiry_queue.insert(*expires_at, *order_id);
                 let previous = self.orders.insert(
                     *order_id,
                     Order {
@@ -649,7 +651,7 @@ impl Sku {
                 };
                 let card = order.card;
                 let expires_at = order.expires_at;
-                self.expiry_queue.remove(&(expires_at, *order_id));
+                self.expiry_queue.remove(expires_at, order_id);
                 let card_state = &mut self.cards[card as usize].state;
                 assert_eq!(*card_state, CardState::Reserved(*order_id));
                 *card_state = CardState::Sold(*order_id);
@@ -673,7 +675,7 @@ impl Sku {
                 });
                 // Kept for the refund from now on: no longer for pruning to look at.
                 if let Some(ended_at) = ended_at(&order.status) {
-                    self.ended_queue.remove(&(ended_at, *order_id));
+                    self.ended_queue.remove(ended_at, order_id);
                 }
                 self.touch(*at);
             }
@@ -696,7 +698,7 @@ impl Sku {
                 for order_id in order_ids {
                     let order = self.orders.remove(order_id).expect("pruned order exists");
                     let ended_at = ended_at(&order.status).expect("pruned order has ended");
-                    self.ended_queue.remove(&(ended_at, *order_id));
+                    self.ended_queue.remove(ended_at, order_id);
                     if let Some((key, _)) = &order.idempotency {
                         if self.idempotency_index.get(key) == Some(order_id) {
                             self.idempotency_index.remove(key);
@@ -803,10 +805,10 @@ impl Sku {
         order.status = status;
         let (card, expires_at) = (order.card, order.expires_at);
         if order.refused_payments.is_empty() {
-            self.ended_queue.insert((ended, order_id));
+            self.ended_queue.insert(ended, order_id);
         }
         let (user, device) = (order.user.clone(), order.device.clone());
-        self.expiry_queue.remove(&(expires_at, order_id));
+        self.expiry_queue.remove(expires_at, &order_id);
         let card_state = &mut self.cards[card as usize].state;
         assert_eq!(*card_state, CardState::Reserved(order_id));
         *card_state = CardState::Available;
@@ -860,6 +862,11 @@ impl Sku {
         let mut user_live: HashMap<&UserId, u32> = HashMap::new();
         let mut device_live: HashMap<&DeviceId, u32> = HashMap::new();
         let mut holders: HashMap<CardIndex, OrderId> = HashMap::new();
+        let expiring: HashSet<(Timestamp, OrderId)> = self.expiry_queue.iter().collect();
+        let ended: HashSet<(Timestamp, OrderId)> = self.ended_queue.iter().collect();
+        if expiring.len() != self.expiry_queue.len() || ended.len() != self.ended_queue.len() {
+            return Err("an order is queued twice at the same time".into());
+        }
         for order in self.orders.values() {
             let live = matches!(
                 order.status,
@@ -880,7 +887,7 @@ impl Sku {
             let expected = match order.status {
                 OrderStatus::Reserved => {
                     reserved += 1;
-                    if !self.expiry_queue.contains(&(order.expires_at, order.id)) {
+                    if !expiring.contains(&(order.expires_at, order.id)) {
                         return Err(format!(
                             "reserved order {} missing from expiry queue",
                             order.id
@@ -912,7 +919,7 @@ impl Sku {
             if let Some(at) = ended_at(&order.status).filter(|_| order.refused_payments.is_empty())
             {
                 prunable += 1;
-                if !self.ended_queue.contains(&(at, order.id)) {
+                if !ended.contains(&(at, order.id)) {
                     return Err(format!("ended order {} missing from ended queue", order.id));
                 }
             }
@@ -1031,12 +1038,12 @@ impl Sku {
             match order.status {
                 OrderStatus::Reserved => {
                     sku.reserved_count += 1;
-                    sku.expiry_queue.insert((order.expires_at, order.id));
+                    sku.expiry_queue.insert(order.expires_at, order.id);
                 }
                 OrderStatus::Paid { .. } => sku.sold_count += 1,
                 OrderStatus::Expired { at } | OrderStatus::Cancelled { at } => {
                     if order.refused_payments.is_empty() {
-                        sku.ended_queue.insert((at, order.id));
+                        sku.ended_queue.insert(at, order.id);
                     }
                 }
             }

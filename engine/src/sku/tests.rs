@@ -268,6 +268,70 @@ fn scenario_expiry_returns_card_and_late_payment_is_recorded() {
         .is_empty());
 }
 
+/// More orders due in one millisecond than one expiry pass takes, and then more ended
+/// in one millisecond than one prune pass takes: each pass takes its batch from the
+/// front, the next one the rest, and every card and index stays consistent.
+#[test]
+fn scenario_crowds_due_and_ended_in_one_millisecond_take_several_passes() {
+    use crate::limits::{ENDED_ORDERS_KEPT_MS, EXPIRE_BATCH_ORDERS_MAX, PRUNE_BATCH_ORDERS_MAX};
+    let extra = 10;
+    let orders = EXPIRE_BATCH_ORDERS_MAX + extra;
+    let mut sku = new_sku();
+    let serials: Vec<String> = (0..orders).map(|n| format!("card-{n}")).collect();
+    let serials: Vec<&str> = serials.iter().map(String::as_str).collect();
+    sku.handle(cards(&serials), Timestamp(T0));
+    let mut ids = Vec::with_capacity(orders);
+    for n in 0..orders {
+        let (id, cmd) = reserve(&format!("buyer-{n}"), None, None);
+        assert!(matches!(
+            sku.handle(cmd, Timestamp(T0)).reply,
+            Ok(Reply::Reserved(_))
+        ));
+        ids.push(id);
+    }
+    // One of them paid: taken out of the middle of its millisecond.
+    assert!(matches!(
+        sku.handle(pay(ids[orders / 2], "p", 10_000), Timestamp(T0 + 1))
+            .reply,
+        Ok(Reply::Paid(_))
+    ));
+    let due = Timestamp(T0 + TTL_MS);
+    let first = sku.handle(Command::ExpireDue, due);
+    assert!(
+        matches!(first.reply, Ok(Reply::Expired { count }) if count == EXPIRE_BATCH_ORDERS_MAX)
+    );
+    sku.check_invariants().unwrap();
+    let second = sku.handle(Command::ExpireDue, due);
+    assert!(matches!(second.reply, Ok(Reply::Expired { count }) if count == extra - 1));
+    assert_eq!(sku.next_expiry(), None);
+    assert_eq!(sku.counts().available, orders as u64 - 1);
+    sku.check_invariants().unwrap();
+    let prune_at = Timestamp(T0 + TTL_MS + ENDED_ORDERS_KEPT_MS);
+    let mut pruned = 0;
+    for _ in 0..3 {
+        let decision = sku.handle(
+            Command::PruneEnded {
+                kept_for_ms: ENDED_ORDERS_KEPT_MS,
+            },
+            prune_at,
+        );
+        match decision.reply {
+            Ok(Reply::Pruned { count }) => {
+                assert!(count <= PRUNE_BATCH_ORDERS_MAX);
+                pruned += count;
+            }
+            other => panic!("prune answered {other:?}"),
+        }
+        sku.check_invariants().unwrap();
+    }
+    assert_eq!(pruned, orders - 1);
+    assert!(sku.order(&ids[0]).is_none());
+    assert!(
+        sku.order(&ids[orders / 2]).is_some(),
+        "the paid order stays"
+    );
+}
+
 #[test]
 fn scenario_payment_at_deadline_expires_in_the_same_write() {
     let mut sku = new_sku();
