@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -53,9 +54,12 @@ fn check_no_control(what: &'static str, value: &str) -> Result<(), IdError> {
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $check:expr) => {
         $(#[$doc])*
+        ///
+        /// Shared text: an id is copied into the order, its buyer's count and the
+        /// answer, and a clone is a reference count rather than an allocation.
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
         #[serde(try_from = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         // As a string, like `into = "String"` would, without cloning it first.
         impl Serialize for $name {
@@ -70,7 +74,7 @@ macro_rules! string_id {
                 check_len($what, &value, $max)?;
                 let check: fn(&str) -> Result<(), IdError> = $check;
                 check(&value)?;
-                Ok($name(value))
+                Ok($name(Arc::from(value)))
             }
 
             pub fn as_str(&self) -> &str {
@@ -87,7 +91,7 @@ macro_rules! string_id {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
