@@ -57,9 +57,26 @@ macro_rules! string_id {
         ///
         /// Shared text: an id is copied into the order, its buyer's count and the
         /// answer, and a clone is a reference count rather than an allocation.
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-        #[serde(try_from = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(Arc<str>);
+
+        // From the decoder's own bytes when it lends them (postcard does): one
+        // allocation for the shared text, as a `String` took before.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(f, "a {}", $what)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<$name, E> {
+                        $name::parse(value).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(Text)
+            }
+        }
 
         // As a string, like `into = "String"` would, without cloning it first.
         impl Serialize for $name {
@@ -69,11 +86,11 @@ macro_rules! string_id {
         }
 
         impl $name {
-            pub fn parse(value: impl Into<String>) -> Result<Self, IdError> {
-                let value = value.into();
-                check_len($what, &value, $max)?;
+            pub fn parse(value: impl AsRef<str>) -> Result<Self, IdError> {
+                let value = value.as_ref();
+                check_len($what, value, $max)?;
                 let check: fn(&str) -> Result<(), IdError> = $check;
-                check(&value)?;
+                check(value)?;
                 Ok($name(Arc::from(value)))
             }
 

@@ -141,7 +141,7 @@ impl<S: Send + Sync> FromRequestParts<S> for SkuPath {
 
 impl SkuPath {
     /// A SKU id from its path segment, decoded.
-    pub fn parse(segment: impl Into<String>) -> Result<Self, ApiError> {
+    pub fn parse(segment: impl AsRef<str>) -> Result<Self, ApiError> {
         SkuId::parse(segment)
             .map(SkuPath)
             .map_err(ApiError::invalid)
