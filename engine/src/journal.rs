@@ -1244,23 +1244,11 @@ mod tests {
             append(&a, 4),
             append(&b, 10),
         ];
-        let db = journal.db().unwrap();
-        db.write(batch_of(
-            &writes,
-            cf(&db, CF_JOURNAL),
-            cf(&db, CF_SNAPSHOTS),
-        ))
-        .unwrap();
-
-        let stored: Vec<(Vec<u8>, Vec<Vec<u8>>)> = db
-            .iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start)
-            .map(|item| {
-                let (key, value) = item.unwrap();
+        let stored: Vec<(Vec<u8>, Vec<Vec<u8>>)> = journal_after_one_batch(&journal, &writes)
+            .into_iter()
+            .map(|(key, value)| {
                 let records = codec::split_journal_value(&value).unwrap();
-                (
-                    key.to_vec(),
-                    records.into_iter().map(<[u8]>::to_vec).collect(),
-                )
+                (key, records.into_iter().map(<[u8]>::to_vec).collect())
             })
             .collect();
         let expected: Vec<(Vec<u8>, Vec<Vec<u8>>)> = vec![
@@ -1275,8 +1263,24 @@ mod tests {
             (codec::journal_key(&b, 10), vec![b"b10".to_vec()]),
         ];
         assert_eq!(stored, expected);
-        drop(db);
         journal.close();
+    }
+
+    /// Every key and value of the journal column family once `writes` are written
+    /// as one group commit.
+    fn journal_after_one_batch(
+        journal: &Journal,
+        writes: &[JournalWrite],
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let db = journal.db().unwrap();
+        db.write(batch_of(writes, cf(&db, CF_JOURNAL), cf(&db, CF_SNAPSHOTS)))
+            .unwrap();
+        db.iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start)
+            .map(|item| {
+                let (key, value) = item.unwrap();
+                (key.to_vec(), value.to_vec())
+            })
+            .collect()
     }
 
     /// Consecutive records that would take a run past `RUN_BYTES_MAX` start another.
@@ -1298,20 +1302,12 @@ mod tests {
                 done: Box::new(|_| {}),
             })
             .collect();
-        let db = journal.db().unwrap();
-        db.write(batch_of(
-            &writes,
-            cf(&db, CF_JOURNAL),
-            cf(&db, CF_SNAPSHOTS),
-        ))
-        .unwrap();
-        let keys: Vec<Vec<u8>> = db
-            .iterator_cf(cf(&db, CF_JOURNAL), IteratorMode::Start)
-            .map(|item| item.unwrap().0.to_vec())
+        let keys: Vec<Vec<u8>> = journal_after_one_batch(&journal, &writes)
+            .into_iter()
+            .map(|(key, _)| key)
             .collect();
         let expected: Vec<Vec<u8>> = (1..=3).map(|seq| codec::journal_key(&sku, seq)).collect();
         assert_eq!(keys, expected);
-        drop(db);
         journal.close();
     }
 
