@@ -3,6 +3,7 @@
 
 mod audit;
 mod charts;
+mod disk_probe;
 mod driver;
 mod drop_cmd;
 mod engine_bench;
@@ -54,6 +55,11 @@ enum Target {
     ServeRedisHttp(tools::ServeRedisHttpArgs),
     /// Defines a SKU and imports cards through API v1's admin routes (for wrk).
     Stock(tools::StockArgs),
+    /// Times a small append and its fdatasync on the filesystem of a folder (a
+    /// node's data folder), alone and while a large file there is deleted at once
+    /// and in chunks: the disk's part of every order's latency, and whether other
+    /// writers' deletions stall it.
+    Disk(disk_probe::DiskArgs),
 }
 
 fn main() -> Result<()> {
@@ -70,5 +76,6 @@ fn main() -> Result<()> {
         Target::Orders(args) => open_orders::main(args),
         Target::ServeRedisHttp(args) => tools::serve_redis_http(args),
         Target::Stock(args) => tools::stock(args),
+        Target::Disk(args) => disk_probe::main(args),
     }
 }
