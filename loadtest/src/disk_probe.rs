@@ -437,18 +437,22 @@ mod tests {
         assert_eq!(unescape_octal(r"not\999octal"), r"not\999octal");
     }
 
+    /// A short probe in `dir`: 512-byte appends, 1 MiB chunks.
+    fn quick_probe(dir: &Path, secs: f64, delete_mib: u64) -> DiskArgs {
+        DiskArgs {
+            dir: dir.to_path_buf(),
+            secs,
+            append_bytes: 512,
+            delete_mib,
+            chunk_mib: 1,
+            json: None,
+        }
+    }
+
     #[test]
     fn every_phase_is_timed_and_nothing_is_left_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let args = DiskArgs {
-            dir: dir.path().to_path_buf(),
-            secs: 0.2,
-            append_bytes: 512,
-            delete_mib: 3,
-            chunk_mib: 1,
-            json: None,
-        };
-        let report = run(&args).unwrap();
+        let report = run(&quick_probe(dir.path(), 0.2, 3)).unwrap();
         let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
@@ -471,14 +475,7 @@ mod tests {
     #[test]
     fn bad_arguments_are_refused_before_anything_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let base = DiskArgs {
-            dir: dir.path().to_path_buf(),
-            secs: 0.1,
-            append_bytes: 512,
-            delete_mib: 0,
-            chunk_mib: 1,
-            json: None,
-        };
+        let base = quick_probe(dir.path(), 0.1, 0);
         for bad in [
             DiskArgs {
                 secs: 0.0,
