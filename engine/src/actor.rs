@@ -23,8 +23,8 @@ use crate::ids::{OrderId, PaymentRef, SkuId};
 use crate::journal::{Journal, JournalOp, JournalWrite};
 use crate::keyed_refusals::{Earlier, KeyedRefusals};
 use crate::limits::{
-    ENDED_ORDERS_KEPT_MS, EVENTS_BETWEEN_SNAPSHOTS_MIN, EXPIRE_BATCH_ORDERS_MAX,
-    JOURNAL_QUEUE_DEPTH_MAX, PRUNE_BATCH_ORDERS_MAX,
+    ENDED_ORDERS_KEPT_MS, EXPIRE_BATCH_ORDERS_MAX, JOURNAL_QUEUE_DEPTH_MAX, PRUNE_BATCH_ORDERS_MAX,
+    SNAPSHOT_DEFER_FACTOR_MAX,
 };
 use crate::sku::{
     Command, Event, RefusalReason, Reply, Sku, SkuDef, SkuError, SkuStatus, SkuView, StockCounts,
@@ -52,6 +52,12 @@ pub(crate) struct SkuShared {
     pub mailbox_depth: AtomicUsize,
     /// The sequence number whose state the counts and definition show.
     published_seq: AtomicU64,
+    /// A snapshot is due and waits for a quiet moment (see [`snapshot_timing`]); the
+    /// expiry ticker asks for it once the node is quiet.
+    pub snapshot_wanted: AtomicBool,
+    /// `published_seq` when the ticker last looked, so it can count the records of
+    /// each tick; only the ticker writes it.
+    pub seq_at_last_tick: AtomicU64,
 }
 
 /// The state a journal record leaves a SKU in, as readers see it.
@@ -74,6 +80,8 @@ impl SkuShared {
             expiry_queued: AtomicBool::new(false),
             mailbox_depth: AtomicUsize::new(0),
             published_seq: AtomicU64::new(0),
+            snapshot_wanted: AtomicBool::new(false),
+            seq_at_last_tick: AtomicU64::new(0),
         };
         shared.publish_next_expiry(sku);
         shared.store(&Published {
@@ -96,6 +104,11 @@ impl SkuShared {
             self.published_seq.store(seq, Ordering::Relaxed);
             self.store(published);
         }
+    }
+
+    /// The sequence number of the last record readers can see.
+    pub(crate) fn published_seq(&self) -> u64 {
+        self.published_seq.load(Ordering::Relaxed)
     }
 
     /// Publishes a state reloaded from disk at `seq`.
@@ -165,6 +178,8 @@ pub(crate) enum SkuMsg {
     },
     /// Write a snapshot now (shutdown), answering once it is durable.
     Snapshot(oneshot::Sender<Result<(), EngineError>>),
+    /// The node went quiet while a snapshot was waiting: write it, if still due.
+    SnapshotIfDue,
 }
 
 pub(crate) struct SkuActor;
@@ -173,6 +188,7 @@ pub(crate) struct SkuActorArgs {
     pub sku: Sku,
     pub seq: u64,
     pub records_since_snapshot: u64,
+    pub snapshot_records_min: u64,
     pub shared: Arc<SkuShared>,
     pub journal: Arc<Journal>,
     pub clock: Arc<dyn Clock>,
@@ -187,6 +203,7 @@ pub(crate) struct SkuActorState {
     durable_seq: Arc<AtomicU64>,
     epoch: u64,
     records_since_snapshot: u64,
+    snapshot_records_min: u64,
     /// Set when reloading from disk failed: every command is refused from then on.
     poisoned: bool,
     keyed_refusals: KeyedRefusals,
@@ -217,6 +234,7 @@ impl Actor for SkuActor {
             durable_seq: Arc::new(AtomicU64::new(args.seq)),
             epoch: 0,
             records_since_snapshot: args.records_since_snapshot,
+            snapshot_records_min: args.snapshot_records_min,
             poisoned: false,
             keyed_refusals: KeyedRefusals::default(),
             shared: args.shared,
@@ -273,6 +291,11 @@ impl Actor for SkuActor {
                 }
             }
             SkuMsg::Resync { failed_epoch } => state.resync(failed_epoch),
+            SkuMsg::SnapshotIfDue => {
+                if !state.poisoned && state.snapshot_timing() != SnapshotTiming::NotYet {
+                    state.write_snapshot(SnapshotTrigger::Quiet, None);
+                }
+            }
             SkuMsg::Snapshot(reply) => {
                 if state.poisoned {
                     let _ = reply.send(Err(EngineError::SkuUnavailable));
@@ -282,11 +305,61 @@ impl Actor for SkuActor {
                         let _ = reply.send(durable);
                     }));
                 } else {
-                    state.write_snapshot(Some(reply));
+                    state.write_snapshot(SnapshotTrigger::Requested, Some(reply));
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Why a snapshot is written, as `keydrop_snapshots_total{trigger}` counts it.
+#[derive(Debug, Clone, Copy)]
+enum SnapshotTrigger {
+    /// Due, and the node went quiet.
+    Quiet,
+    /// Waited for a quiet moment as long as it may.
+    Overdue,
+    /// Asked for (at shutdown).
+    Requested,
+}
+
+impl SnapshotTrigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            SnapshotTrigger::Quiet => "quiet",
+            SnapshotTrigger::Overdue => "overdue",
+            SnapshotTrigger::Requested => "requested",
+        }
+    }
+}
+
+/// When a SKU should write its next snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotTiming {
+    NotYet,
+    /// Due: once the node is quiet, so a drop's buyers do not wait behind it.
+    WhenQuiet,
+    /// Overdue: now, however busy the SKU is, so replay at recovery stays bounded.
+    Now,
+}
+
+/// A snapshot is due once the records since the last one outweigh the state itself
+/// (`size`: cards imported and orders held) and number at least `records_min`, so
+/// the cost of snapshots stays proportional to the work done; it waits for a quiet
+/// moment up to [`SNAPSHOT_DEFER_FACTOR_MAX`] times that.
+pub(crate) fn snapshot_timing(
+    records_since_snapshot: u64,
+    size: u64,
+    records_min: u64,
+) -> SnapshotTiming {
+    let due_at = records_min.max(size);
+    if records_since_snapshot >= due_at.saturating_mul(SNAPSHOT_DEFER_FACTOR_MAX) {
+        SnapshotTiming::Now
+    } else if records_since_snapshot >= due_at {
+        SnapshotTiming::WhenQuiet
+    } else {
+        SnapshotTiming::NotYet
     }
 }
 
@@ -480,22 +553,45 @@ impl SkuActorState {
         });
     }
 
-    /// Snapshots once the records since the last one outweigh the state itself, so
-    /// the cost of snapshots stays proportional to the work done.
+    fn snapshot_timing(&self) -> SnapshotTiming {
+        let size = self.sku.counts().imported + self.sku.order_count() as u64;
+        snapshot_timing(self.records_since_snapshot, size, self.snapshot_records_min)
+    }
+
+    /// Snapshots when [`snapshot_timing`] says now; when it says once quiet, leaves
+    /// the word for the expiry ticker.
     fn maybe_snapshot(&mut self) {
-        let counts = self.sku.counts();
-        let size = counts.imported + self.sku.order_count() as u64;
-        if self.records_since_snapshot >= EVENTS_BETWEEN_SNAPSHOTS_MIN.max(size) {
-            self.write_snapshot(None);
+        match self.snapshot_timing() {
+            SnapshotTiming::NotYet => {}
+            SnapshotTiming::WhenQuiet => {
+                if !self.shared.snapshot_wanted.load(Ordering::Relaxed) {
+                    self.shared.snapshot_wanted.store(true, Ordering::Relaxed);
+                }
+            }
+            SnapshotTiming::Now => self.write_snapshot(SnapshotTrigger::Overdue, None),
         }
     }
 
-    fn write_snapshot(&mut self, reply: Option<oneshot::Sender<Result<(), EngineError>>>) {
+    fn write_snapshot(
+        &mut self,
+        trigger: SnapshotTrigger,
+        reply: Option<oneshot::Sender<Result<(), EngineError>>>,
+    ) {
         let seq = self.seq;
+        let records = self.records_since_snapshot;
         let record = codec::encode_snapshot(seq, self.sku.snapshot_ref());
         self.records_since_snapshot = 0;
+        self.shared.snapshot_wanted.store(false, Ordering::Relaxed);
         let sku = self.sku.id().clone();
-        tracing::debug!(sku = %sku, seq, bytes = record.len(), "writing snapshot");
+        metrics::counter!("keydrop_snapshots_total", "trigger" => trigger.as_str()).increment(1);
+        tracing::info!(
+            sku = %sku,
+            seq,
+            records,
+            bytes = record.len(),
+            trigger = trigger.as_str(),
+            "writing snapshot"
+        );
         self.journal.submit(JournalWrite {
             sku: sku.clone(),
             epoch: Some(self.epoch),
@@ -531,5 +627,27 @@ impl SkuActorState {
                 self.poisoned = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_due_at_the_larger_of_the_minimum_and_the_size_and_overdue_at_four_times() {
+        use SnapshotTiming::*;
+        // The minimum rules a small SKU.
+        assert_eq!(snapshot_timing(19_999, 10, 20_000), NotYet);
+        assert_eq!(snapshot_timing(20_000, 10, 20_000), WhenQuiet);
+        assert_eq!(snapshot_timing(79_999, 10, 20_000), WhenQuiet);
+        assert_eq!(snapshot_timing(80_000, 10, 20_000), Now);
+        // The size rules a large one.
+        assert_eq!(snapshot_timing(199_999, 200_000, 20_000), NotYet);
+        assert_eq!(snapshot_timing(200_000, 200_000, 20_000), WhenQuiet);
+        assert_eq!(snapshot_timing(800_000, 200_000, 20_000), Now);
+        // No overflow at the edge.
+        assert_eq!(snapshot_timing(u64::MAX, u64::MAX, 1), Now);
+        assert_eq!(snapshot_timing(0, 0, 1), NotYet);
     }
 }

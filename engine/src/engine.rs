@@ -21,7 +21,8 @@ use crate::ids::{
 };
 use crate::journal::{Journal, JournalOp, JournalOptions, RecoveredSku, RecoveryReport};
 use crate::limits::{
-    ACTOR_MAILBOX_DEPTH_MAX, BUNDLE_SEQ_MAX, IMPORT_BATCH_CARDS_MAX, JOURNAL_QUEUE_DEPTH_MAX,
+    ACTOR_MAILBOX_DEPTH_MAX, BUNDLE_SEQ_MAX, EVENTS_BETWEEN_SNAPSHOTS_MIN, IMPORT_BATCH_CARDS_MAX,
+    JOURNAL_QUEUE_DEPTH_MAX, QUIET_RECORDS_PER_SEC_MAX,
 };
 use crate::sku::{
     Command, ImportOutcome, NewCard, OrderView, Reply, ReserveRequest, Sku, SkuDef, SkuError,
@@ -43,6 +44,9 @@ pub struct EngineConfig {
     /// How often every SKU is asked to forget the orders that ended more than
     /// `ENDED_ORDERS_KEPT_MS` ago.
     pub prune_interval: Duration,
+    /// Journal records of a SKU after its last snapshot before the next one is due
+    /// (or the SKU's size, if larger; see `actor::snapshot_timing`).
+    pub snapshot_records_min: u64,
     pub journal: JournalOptions,
 }
 
@@ -54,6 +58,7 @@ impl EngineConfig {
             clock: Arc::new(SystemClock),
             expiry_interval: Duration::from_millis(200),
             prune_interval: Duration::from_secs(60),
+            snapshot_records_min: EVENTS_BETWEEN_SNAPSHOTS_MIN,
             journal: JournalOptions::default(),
         }
     }
@@ -93,6 +98,7 @@ struct Inner {
     /// Serialises creating SKUs (rare, admin-only) so two creations cannot race.
     create_lock: tokio::sync::Mutex<()>,
     recovery: RecoveryReport,
+    snapshot_records_min: u64,
     shutting_down: AtomicBool,
 }
 
@@ -133,6 +139,7 @@ impl Engine {
             clock: config.clock,
             create_lock: tokio::sync::Mutex::new(()),
             recovery: report,
+            snapshot_records_min: config.snapshot_records_min.max(1),
             shutting_down: AtomicBool::new(false),
         });
         let engine = Engine { inner };
@@ -196,6 +203,7 @@ impl Engine {
             sku,
             seq,
             records_since_snapshot,
+            snapshot_records_min: self.inner.snapshot_records_min,
             shared: Arc::clone(&shared),
             journal: Arc::clone(&self.inner.journal),
             clock: Arc::clone(&self.inner.clock),
@@ -630,8 +638,15 @@ impl Engine {
     }
 }
 
-/// Wakes the actors whose next reservation deadline has passed, and now and then
-/// every actor to prune its ended orders.
+/// Whether `recorded` records (over all SKUs) in one tick of `interval` are few
+/// enough for a waiting snapshot to go ahead.
+fn is_quiet(recorded: u64, interval: Duration) -> bool {
+    u128::from(recorded) * 1000 <= u128::from(QUIET_RECORDS_PER_SEC_MAX) * interval.as_millis()
+}
+
+/// Wakes the actors whose next reservation deadline has passed, one whose snapshot
+/// waits once the node is quiet, and now and then every actor to prune its ended
+/// orders.
 async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration, prune_interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -648,6 +663,27 @@ async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration, prune_interva
                 let _ = entry.actor.send_message(SkuMsg::PruneEnded);
             }
         }
+        // The journal is shared: a snapshot written while any SKU is busy holds that
+        // SKU's buyers behind it, so quiet is the whole node's, and one waiting
+        // snapshot goes per tick.
+        let mut recorded = 0u64;
+        for entry in inner.skus.iter() {
+            let shared = &entry.shared;
+            let seq = shared.published_seq();
+            let before = shared.seq_at_last_tick.swap(seq, Ordering::Relaxed);
+            recorded = recorded.saturating_add(seq.saturating_sub(before));
+        }
+        if is_quiet(recorded, interval) {
+            for entry in inner.skus.iter() {
+                let shared = &entry.shared;
+                if shared.snapshot_wanted.swap(false, Ordering::Relaxed) {
+                    if entry.actor.send_message(SkuMsg::SnapshotIfDue).is_err() {
+                        shared.snapshot_wanted.store(true, Ordering::Relaxed);
+                    }
+                    break;
+                }
+            }
+        }
         let now = inner.clock.now().as_millis();
         for entry in inner.skus.iter() {
             let shared = &entry.shared;
@@ -658,5 +694,23 @@ async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration, prune_interva
                 shared.expiry_queued.store(false, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_is_at_most_a_hundred_records_a_second_over_the_tick() {
+        let tick = Duration::from_millis(200);
+        assert!(is_quiet(0, tick));
+        assert!(is_quiet(20, tick));
+        assert!(!is_quiet(21, tick));
+        assert!(is_quiet(100, Duration::from_secs(1)));
+        assert!(!is_quiet(101, Duration::from_secs(1)));
+        assert!(!is_quiet(1, Duration::from_millis(5)));
+        // No overflow at the edge.
+        assert!(is_quiet(u64::MAX, Duration::MAX));
     }
 }

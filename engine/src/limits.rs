@@ -62,8 +62,20 @@ const _: () = assert!(JOURNAL_QUEUE_DEPTH_MAX >= JOURNAL_BATCH_REQUESTS_MAX);
 /// Commands waiting in one SKU actor's mailbox; past this, refused as overloaded.
 pub const ACTOR_MAILBOX_DEPTH_MAX: usize = 16_384;
 
-/// Journal records of one SKU after its last snapshot before a new one is taken.
+/// Journal records of one SKU after its last snapshot before a new one is due
+/// (`EngineConfig::snapshot_records_min`).
 pub const EVENTS_BETWEEN_SNAPSHOTS_MIN: u64 = 20_000;
+
+/// A due snapshot waits for a quiet moment until the records since the last one
+/// reach this many times the threshold. A snapshot is the whole SKU (22 MB for
+/// 100,000 cards and their orders), encoded by the actor and written in one batch:
+/// taken in the middle of a drop, its write alone held every buyer of the batches
+/// behind it for 147 ms. Waiting costs replay at recovery, which is bounded by this.
+pub const SNAPSHOT_DEFER_FACTOR_MAX: u64 = 4;
+
+/// The node is quiet, for a waiting snapshot, while its SKUs journal at most this
+/// many records a second together (measured over one expiry tick).
+pub const QUIET_RECORDS_PER_SEC_MAX: u64 = 100;
 
 /// A snapshot record, one RocksDB value: RocksDB refuses values of 4 GiB and over,
 /// and its C API drops that error, so the writer refuses a larger snapshot itself

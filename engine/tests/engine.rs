@@ -96,6 +96,67 @@ async fn restart_without_clean_shutdown_replays_the_journal() {
     o.engine.shutdown().await;
 }
 
+/// A due snapshot waits for the SKU to go quiet, and the expiry ticker then has it
+/// written; with no ticker to see the quiet, nothing is written before it is overdue
+/// and the journal keeps every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_snapshot_is_written_once_the_sku_is_quiet() {
+    for ticker_sees_quiet in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = manual_clock();
+        let id = sku("quiet");
+        let expiry_interval = if ticker_sees_quiet {
+            Duration::from_millis(10)
+        } else {
+            // Its first tick is at once, before anything is due; the next is an
+            // hour away.
+            Duration::from_secs(3600)
+        };
+        let configure = |config: &mut keydrop_engine::EngineConfig| {
+            config.snapshot_records_min = 20;
+            config.expiry_interval = expiry_interval;
+        };
+        {
+            let o = open_configured(dir.path(), &clock, &[KEY_A], configure).await;
+            // Two records (definition, import), then a reservation and a payment for
+            // each of 20 cards: the 42 records reach the SKU's size (20 cards and
+            // 20 orders), so a snapshot is due, and stay under four times it.
+            o.stocked(&id, cards("Q", 0..20)).await;
+            for i in 0..20 {
+                let order = o
+                    .engine
+                    .reserve(&id, buyer(&format!("q{i}")))
+                    .await
+                    .unwrap();
+                o.engine
+                    .confirm_payment(
+                        &order.order_id,
+                        PaymentRef::parse(format!("pay-{i}")).unwrap(),
+                        5_000,
+                    )
+                    .await
+                    .unwrap();
+            }
+            // Ticks enough for the ticker to see a quiet SKU, and for the snapshot
+            // to be written and synced.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            o.engine.halt().await;
+        }
+        let o = open(dir.path(), &clock, &[KEY_A]).await;
+        let report = o.engine.recovery_report().clone();
+        if ticker_sees_quiet {
+            assert_eq!(report.snapshots_loaded, 1, "{report:?}");
+            assert_eq!(report.records_replayed, 0, "{report:?}");
+        } else {
+            assert_eq!(report.snapshots_loaded, 0, "{report:?}");
+            assert_eq!(report.records_replayed, 42, "{report:?}");
+        }
+        let view = o.engine.sku(&id).unwrap();
+        assert_eq!((view.counts.sold, view.counts.available), (20, 0));
+        o.engine.shutdown().await;
+    }
+}
+
 /// Reservations of two SKUs that reach the journal in one group commit are stored as
 /// one run of records per SKU; after a crash every record of every run is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

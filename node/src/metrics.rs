@@ -296,6 +296,10 @@ fn describe() {
         "keydrop_cards_revealed_total",
         "Card secrets opened for paid orders."
     );
+    describe_counter!(
+        "keydrop_snapshots_total",
+        "SKU snapshots written, by trigger: quiet (due, written once the node's journal went quiet), overdue (written busy, having waited as long as it may) or requested (shutdown)."
+    );
 }
 
 /// Per-SKU gauges and the low-stock state, which logs when it flips.

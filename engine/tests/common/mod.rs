@@ -71,12 +71,23 @@ impl Opened {
 }
 
 pub async fn open(dir: &Path, clock: &ManualClock, keys: &[[u8; 32]]) -> Opened {
+    open_configured(dir, clock, keys, |_| {}).await
+}
+
+/// [`open`], with `configure` applied to the configuration last.
+pub async fn open_configured(
+    dir: &Path,
+    clock: &ManualClock,
+    keys: &[[u8; 32]],
+    configure: impl FnOnce(&mut EngineConfig),
+) -> Opened {
     let fault = FaultInjector::default();
     let mut config = EngineConfig::new(dir.join("db"), ring(keys));
     config.clock = Arc::new(clock.clone()) as Arc<dyn Clock>;
     config.expiry_interval = Duration::from_millis(20);
     config.prune_interval = Duration::from_millis(20);
     config.journal.fault_injector = Some(fault.clone());
+    configure(&mut config);
     let engine = Engine::open(config).await.expect("engine opens");
     Opened {
         engine,
