@@ -663,16 +663,23 @@ async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration, prune_interva
                 let _ = entry.actor.send_message(SkuMsg::PruneEnded);
             }
         }
-        // The journal is shared: a snapshot written while any SKU is busy holds that
-        // SKU's buyers behind it, so quiet is the whole node's, and one waiting
-        // snapshot goes per tick.
+        let now = inner.clock.now().as_millis();
         let mut recorded = 0u64;
         for entry in inner.skus.iter() {
             let shared = &entry.shared;
             let seq = shared.published_seq();
             let before = shared.seq_at_last_tick.swap(seq, Ordering::Relaxed);
             recorded = recorded.saturating_add(seq.saturating_sub(before));
+            if shared.next_expiry_ms.load(Ordering::Relaxed) <= now
+                && !shared.expiry_queued.swap(true, Ordering::Relaxed)
+                && entry.actor.send_message(SkuMsg::ExpireDue).is_err()
+            {
+                shared.expiry_queued.store(false, Ordering::Relaxed);
+            }
         }
+        // The journal is shared: a snapshot written while any SKU is busy holds that
+        // SKU's buyers behind it, so quiet is the whole node's, and one waiting
+        // snapshot goes per tick.
         if is_quiet(recorded, interval) {
             for entry in inner.skus.iter() {
                 let shared = &entry.shared;
@@ -682,16 +689,6 @@ async fn run_expiry_ticker(inner: Weak<Inner>, interval: Duration, prune_interva
                     }
                     break;
                 }
-            }
-        }
-        let now = inner.clock.now().as_millis();
-        for entry in inner.skus.iter() {
-            let shared = &entry.shared;
-            if shared.next_expiry_ms.load(Ordering::Relaxed) <= now
-                && !shared.expiry_queued.swap(true, Ordering::Relaxed)
-                && entry.actor.send_message(SkuMsg::ExpireDue).is_err()
-            {
-                shared.expiry_queued.store(false, Ordering::Relaxed);
             }
         }
     }
