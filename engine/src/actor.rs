@@ -427,8 +427,14 @@ impl SkuActorState {
         // A payment refused for what an earlier callback left on the order (its
         // reference seen before) reflects that callback's record: it leaves once the
         // record is durable, or the provider could hold a final answer whose refund
-        // record a crash then loses.
-        let refusal_reflects_state = matches!(command, Command::ConfirmPayment { .. });
+        // record a crash then loses. Likewise a cancel refused as already paid (the
+        // payment's record may still be on its way to disk) and a key refused as
+        // reused (its reservation may be): a crash before the fsync would make the
+        // answer false.
+        let refusal_reflects_state = matches!(
+            command,
+            Command::ConfirmPayment { .. } | Command::Cancel { .. }
+        );
         let now = self.clock.now();
         // A keyed reservation the SKU has no order for may have been refused before.
         let keyed = match &command {
@@ -460,7 +466,10 @@ impl SkuActorState {
         self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {
             match (decision.reply, reply) {
-                (Err(refusal), Some(reply)) if refusal_reflects_state => {
+                (Err(refusal), Some(reply))
+                    if refusal_reflects_state
+                        || matches!(refusal, SkuError::IdempotencyKeyReused) =>
+                {
                     self.after_durable(Box::new(move |durable| {
                         let _ = reply.send(durable.and(Err(EngineError::Sku(refusal))));
                     }));
@@ -621,6 +630,10 @@ impl SkuActorState {
                 self.durable_seq.store(recovered.seq, Ordering::Release);
                 self.records_since_snapshot = recovered.records_replayed;
                 self.shared.publish_reloaded(recovered.seq, &self.sku);
+                // A refusal remembered since the last durable record may rest on
+                // state the failed batch took with it (a card reserved, an order
+                // counted against a limit): decided afresh from the reloaded SKU.
+                self.keyed_refusals = KeyedRefusals::default();
             }
             Ok(None) | Err(_) => {
                 tracing::error!(sku = %id, "cannot reload SKU from disk; refusing its commands until restart");

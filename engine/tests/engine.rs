@@ -360,6 +360,119 @@ async fn failed_write_is_not_acknowledged_and_memory_matches_disk() {
     o.engine.shutdown().await;
 }
 
+/// A keyed reservation refused while another one held the last card in memory is
+/// decided afresh once that card's write failed and the SKU reloaded: the refusal
+/// rested on state that never reached the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_refusal_does_not_outlive_the_failed_write_it_rested_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
+    let id = sku("rolled-back");
+    o.stocked(&id, cards("R", 0..1)).await;
+    let keyed = || Reservation {
+        user: UserId::parse("patient").unwrap(),
+        device: None,
+        idempotency: Some((
+            IdempotencyKey::parse("retry-me").unwrap(),
+            RequestFingerprint([7; 16]),
+        )),
+    };
+    o.fault.hold_writes();
+    let release = ReleaseOnDrop(o.fault.clone());
+    let mut first = Box::pin(o.engine.reserve(&id, buyer("doomed")));
+    assert!(poll_once(&mut first).await.is_none());
+    assert!(
+        eventually(Duration::from_secs(10), || o.engine.journal_queue_depth()
+            >= 1)
+        .await
+    );
+    // The last card is taken in memory, so the keyed request is refused at once.
+    assert!(matches!(
+        o.engine.reserve(&id, keyed()).await,
+        Err(EngineError::Sku(SkuError::SoldOut))
+    ));
+    o.fault.fail_next_writes(1);
+    drop(release);
+    assert!(matches!(
+        first.await,
+        Err(EngineError::JournalUnavailable(_))
+    ));
+    // Once the SKU has reloaded, the card is back and the same keyed request gets it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let order = loop {
+        match o.engine.reserve(&id, keyed()).await {
+            Err(EngineError::Sku(SkuError::SoldOut)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other,
+        }
+    };
+    let order = order.expect("decided afresh after the reload");
+    assert!(!order.replayed);
+    assert_eq!(o.engine.sku(&id).unwrap().counts.reserved, 1);
+    o.engine.shutdown().await;
+}
+
+/// A cancel refused because the order is paid waits for the payment's record: had
+/// the buyer been told "already paid" first, a crash before the fsync would have
+/// made it false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_refused_as_paid_waits_for_the_payment_to_be_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
+    let id = sku("paid-first");
+    o.stocked(&id, cards("P", 0..2)).await;
+    let order_id = o
+        .engine
+        .reserve(&id, buyer("payer"))
+        .await
+        .unwrap()
+        .order_id;
+    o.fault.hold_writes();
+    let release = ReleaseOnDrop(o.fault.clone());
+    let mut payment = Box::pin(o.engine.confirm_payment(
+        &order_id,
+        PaymentRef::parse("pay-1").unwrap(),
+        5_000,
+    ));
+    assert!(poll_once(&mut payment).await.is_none());
+    assert!(
+        eventually(Duration::from_secs(10), || o.engine.journal_queue_depth()
+            >= 1)
+        .await
+    );
+    let mut cancel = Box::pin(o.engine.cancel(&order_id));
+    assert!(poll_once(&mut cancel).await.is_none());
+    // Let the actor take the cancel while the disk holds the payment's record.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let early = poll_once(&mut cancel).await;
+    assert!(
+        early.is_none(),
+        "answered before the payment was durable: {early:?}"
+    );
+    // The payment's write fails: the cancel must not say "already paid".
+    o.fault.fail_next_writes(1);
+    drop(release);
+    assert!(payment.await.is_err());
+    let refused = cancel.await.unwrap_err();
+    assert!(refused.is_transient(), "{refused:?}");
+    // Reloaded, the order is reserved again and can be cancelled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let cancelled = loop {
+        match o.engine.cancel(&order_id).await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(matches!(
+        cancelled.unwrap().status,
+        OrderStatus::Cancelled { .. }
+    ));
+    o.engine.shutdown().await;
+}
+
 /// A payment whose write failed, on a SKU that then cannot be reloaded either,
 /// lives only in memory: its card is not revealed, and the payment is not there
 /// after a restart.

@@ -159,15 +159,26 @@ impl Overload {
 }
 
 impl Admission {
-    /// Lets one order request in, holding a slot (when slots are bounded) that frees
-    /// itself when dropped; or says why the node is too busy for it, and the caller
-    /// answers 503 at once.
-    pub fn admit_order(&self) -> Result<Option<OrderSlot<'_>>, Overload> {
+    /// Lets one order request past the gate, before anything of it is read; or says
+    /// why the node is too busy for it, and the caller answers 503 at once. Its slot
+    /// is taken later, by [`Admission::take_order_slot`], once its body is in: a
+    /// client that stalls mid-body holds nothing.
+    pub fn admit_order(&self) -> Result<(), Overload> {
         if let Some(limit) = self.shed_lag {
             if self.draw_shed(lag_shed_share(self.lag.current(), limit)) {
                 return Err(Overload::Lag);
             }
         }
+        match &self.order_slots {
+            Some((slots, _)) if !slots.has_room() => Err(Overload::InFlight),
+            _ => Ok(()),
+        }
+    }
+
+    /// A slot for an admitted order about to go to the engine (when slots are
+    /// bounded), freed when dropped; `Err` when the slots filled up since
+    /// [`Admission::admit_order`].
+    pub fn take_order_slot(&self) -> Result<Option<OrderSlot<'_>>, Overload> {
         match &self.order_slots {
             None => Ok(None),
             Some((slots, _)) => slots.try_acquire().map(Some).ok_or(Overload::InFlight),
@@ -347,7 +358,8 @@ mod tests {
             orders_in_flight_max: 2,
             ..Config::default()
         });
-        let slot = a.admit_order().expect("no lag, free slots");
+        a.admit_order().expect("no lag, free slots");
+        let slot = a.take_order_slot().expect("a free slot");
         a.lag.record(Duration::from_millis(100));
         assert_eq!(
             a.admit_order().unwrap_err(),
@@ -356,10 +368,33 @@ mod tests {
         );
         // Prompt wake-ups halve the recorded lag: 50 ms is at the limit.
         a.lag.record(Duration::ZERO);
-        let second = a.admit_order().expect("caught up");
+        a.admit_order().expect("caught up");
+        let second = a.take_order_slot().expect("the last free slot");
         assert_eq!(a.admit_order().unwrap_err(), Overload::InFlight);
         drop((slot, second));
         assert!(a.admit_order().is_ok(), "slots come back when dropped");
+    }
+
+    #[test]
+    fn an_order_past_the_gate_holds_no_slot_until_it_takes_one() {
+        let a = admission(Config {
+            shed_lag_ms: 0,
+            orders_in_flight_max: 1,
+            orders_in_flight_min: 1,
+            ..Config::default()
+        });
+        // Two orders pass the gate while their bodies are read: neither holds the
+        // one slot, so neither can shut out the other by stalling.
+        a.admit_order().expect("room");
+        a.admit_order().expect("still room: the first took no slot");
+        let first = a.take_order_slot().expect("the first body is in");
+        assert_eq!(
+            a.take_order_slot().unwrap_err(),
+            Overload::InFlight,
+            "the slots filled up while the second body was read"
+        );
+        drop(first);
+        assert!(a.take_order_slot().is_ok());
     }
 
     #[test]

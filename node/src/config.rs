@@ -43,6 +43,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a shutdown waits for in-flight requests before it stops anyway.
     pub shutdown_grace_secs: u64,
+    /// Milliseconds a request body may go without sending any of itself before the
+    /// request is answered 408 `request_timeout`; 0 waits forever.
+    pub body_stall_timeout_ms: u32,
     /// The most orders inside the node at once (admitted, not yet answered); past
     /// the bound, new ones get 503 `overloaded` at once instead of queueing in front
     /// of the engine. The bound starts here and moves between `orders_in_flight_min`
@@ -94,6 +97,7 @@ impl Default for Config {
             log: "info".to_owned(),
             log_format: LogFormat::Text,
             shutdown_grace_secs: 30,
+            body_stall_timeout_ms: 10_000,
             orders_in_flight_max: 1024,
             orders_in_flight_min: 32,
             orders_in_flight_target_ms: 5,
@@ -221,6 +225,9 @@ impl Config {
         if let Some(v) = get("KEYDROP_SHUTDOWN_GRACE_SECS") {
             self.shutdown_grace_secs = parse("KEYDROP_SHUTDOWN_GRACE_SECS", &v)?;
         }
+        if let Some(v) = get("KEYDROP_BODY_STALL_TIMEOUT_MS") {
+            self.body_stall_timeout_ms = parse("KEYDROP_BODY_STALL_TIMEOUT_MS", &v)?;
+        }
         if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_MAX") {
             self.orders_in_flight_max = parse("KEYDROP_ORDERS_IN_FLIGHT_MAX", &v)?;
         }
@@ -346,14 +353,15 @@ mod tests {
 
     #[test]
     fn redacted_hides_secrets() {
+        let master_key = "00".repeat(32);
         let config = Config {
             admin_token: Some(Secret::new("hunter2")),
-            master_key: Some(Secret::new("00".repeat(32))),
+            master_key: Some(Secret::new(master_key.clone())),
             ..Config::default()
         };
         let shown = config.redacted();
         assert!(
-            !shown.contains("hunter2") && !shown.contains("0000"),
+            !shown.contains("hunter2") && !shown.contains(&master_key),
             "{shown}"
         );
         assert!(shown.contains("<redacted>"));

@@ -130,6 +130,16 @@ impl OrderSlots {
         })
     }
 
+    /// Whether a slot is free now, counting a refusal when none is: the check made
+    /// before an order's body is read (its slot is taken after).
+    pub fn has_room(&self) -> bool {
+        let room = self.in_flight.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed);
+        if !room {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        room
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }

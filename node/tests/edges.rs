@@ -237,6 +237,52 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     );
 }
 
+/// A buyer whose client stops mid-body is answered 408 `request_timeout` once the
+/// body has stalled for the configured time, and meanwhile holds no order slot: with
+/// a bound of one, another buyer's order goes through while it stalls.
+#[tokio::test]
+async fn a_stalled_order_body_times_out_and_holds_no_slot() {
+    let node = Node::start(&[
+        ("KEYDROP_BODY_STALL_TIMEOUT_MS", "1500"),
+        ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "1"),
+        ("KEYDROP_ORDERS_IN_FLIGHT_MIN", "1"),
+    ])
+    .await;
+    node.sku_with_cards("stalled", on_sale(100, 1, 60), &cards("S", 3))
+        .await;
+    let host = node
+        .url
+        .strip_prefix("http://")
+        .expect("an http:// URL")
+        .to_owned();
+    let stalled = raw_exchange(&node, move |mut w| async move {
+        let body = br#"{"user_id":"slow-buyer"}"#;
+        let head = format!(
+            "POST /v1/skus/stalled/orders HTTP/1.1\r\nHost: {host}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        w.write_all(head.as_bytes()).await?;
+        w.write_all(&body[..10]).await?;
+        w.flush().await?;
+        // The rest never comes; the connection stays open until answered.
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    let other = async {
+        // Sent while the first body is stalled (well inside its 1.5 s).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.reserve("stalled", "prompt-buyer").await
+    };
+    let (stalled, other) = tokio::join!(stalled, other);
+    assert_eq!(other.0, StatusCode::CREATED, "{other:?}");
+    assert_error(&stalled, StatusCode::REQUEST_TIMEOUT, "request_timeout");
+    // Nothing was done for the stalled buyer.
+    let (status, _) = node.reserve("stalled", "slow-buyer").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(stock(&node, "stalled").await, (Some(1), Some(3)));
+}
+
 /// Status and JSON body of an HTTP/1.1 exchange written by hand on its own
 /// connection. `write` sends the request and runs alongside the read: a node that
 /// refuses early answers before the body is sent and may drop the connection under

@@ -48,6 +48,10 @@ pub enum ApiError {
         limit_bytes: usize,
     },
     UnsupportedMediaType(String),
+    /// The client stopped sending its request body (see `extract::LimitedBody`).
+    RequestTimeout {
+        stalled: Duration,
+    },
     IdempotencyKeyReused,
     RateLimited(Rejected),
     /// A bounded queue is full: retry shortly.
@@ -87,6 +91,7 @@ impl ApiError {
             | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -112,6 +117,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Overloaded => "overloaded",
@@ -146,6 +152,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { limit_bytes } => {
                 format!("request body is over this route's limit of {limit_bytes} bytes")
             }
+            ApiError::RequestTimeout { stalled } => format!(
+                "no part of the request body arrived for {} ms; nothing was done",
+                stalled.as_millis()
+            ),
             ApiError::IdempotencyKeyReused => {
                 "this Idempotency-Key was already used with a different request".into()
             }
@@ -257,6 +267,11 @@ impl From<EngineError> for ApiError {
             EngineError::Sku(e) => e.into(),
             EngineError::SkuNotFound => ApiError::SkuNotFound,
             EngineError::Overloaded => ApiError::Overloaded,
+            // The storage error's text (paths, RocksDB's words) is for the operator,
+            // and the journal writer logs it where it happens.
+            EngineError::JournalUnavailable(_) => ApiError::Unavailable(
+                "the journal cannot be written right now; nothing was recorded".into(),
+            ),
             e if e.is_transient() => ApiError::Unavailable(e.to_string()),
             e @ EngineError::SkuExists => ApiError::Conflict(e.to_string()),
             e @ EngineError::InvalidBundle(_) => ApiError::InvalidRequest(e.to_string()),
@@ -270,6 +285,8 @@ mod tests {
     use super::*;
     use keydrop_engine::sku::LimitScope;
     use keydrop_engine::SkuStatus;
+
+    const STORAGE_DETAIL: &str = "IO error: No space left on device: /srv/keydrop/db/000012.log";
 
     #[test]
     fn engine_errors_map_to_the_contract() {
@@ -318,7 +335,7 @@ mod tests {
                 "unavailable",
             ),
             (
-                EngineError::JournalUnavailable("disk full".into()),
+                EngineError::JournalUnavailable(STORAGE_DETAIL.into()),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
             ),
@@ -326,6 +343,10 @@ mod tests {
         for (error, status, code) in cases {
             let api = ApiError::from(error);
             assert_eq!((api.status(), api.code()), (status, code));
+            assert!(
+                !api.message().contains(STORAGE_DETAIL),
+                "{code}: storage details stay in the log"
+            );
             let response = api.into_response();
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 assert!(

@@ -1,14 +1,17 @@
 //! Request pieces parsed once, at the edge, into the engine's types, with every
 //! failure answered by an [`ApiError`] (axum's own rejections are plain text).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{ConnectInfo, FromRequestParts, Path};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName};
+use hyper::body::Frame;
 use keydrop_engine::{OrderId, SkuId};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -20,10 +23,17 @@ use super::AppState;
 /// A request body read frame by frame, refusing to go past `limit_bytes`. Routed
 /// requests have axum's boxed [`Body`]; an order dispatched ahead of the router reads
 /// hyper's own body, unboxed.
+///
+/// A client that stops sending mid-body is answered 408 `request_timeout` once no
+/// frame has come for `stall_max`: an order holds an order slot from its body on,
+/// and a crowd of stalled bodies must not hold the node's slots (or its memory)
+/// for as long as their connections stay open.
 pub struct LimitedBody<B = Body> {
     body: B,
     limit_bytes: usize,
     read_bytes: usize,
+    /// How long the next frame may keep the reader waiting; `None`: forever.
+    stall_max: Option<Duration>,
 }
 
 impl<B> LimitedBody<B>
@@ -32,7 +42,12 @@ where
     B::Error: std::fmt::Display,
 {
     /// Refuses at once when the declared `Content-Length` is over the limit.
-    pub fn new(headers: &HeaderMap, body: B, limit_bytes: usize) -> Result<Self, ApiError> {
+    pub fn new(
+        headers: &HeaderMap,
+        body: B,
+        limit_bytes: usize,
+        stall_max: Option<Duration>,
+    ) -> Result<Self, ApiError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -44,13 +59,17 @@ where
             body,
             limit_bytes,
             read_bytes: 0,
+            stall_max,
         })
     }
 
     /// The next chunk of data, `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
-            let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            let frame = match self.stall_max {
+                None => poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await,
+                Some(stall_max) => next_frame_within(&mut self.body, stall_max).await?,
+            };
             let Some(frame) = frame else { return Ok(None) };
             let frame =
                 frame.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
@@ -87,17 +106,41 @@ where
     }
 }
 
-/// Reads the whole body (up to `limit_bytes`).
+/// The body's next frame, or 408 once it has kept the reader waiting `stall_max`.
+/// A body already buffered (nearly every order: it comes in the packet of its head)
+/// is taken without arming a timer, so the common case costs no timer entry.
+async fn next_frame_within<B: HttpBody + Unpin>(
+    body: &mut B,
+    stall_max: Duration,
+) -> Result<Option<Result<Frame<B::Data>, B::Error>>, ApiError> {
+    let mut deadline = std::pin::pin!(None::<tokio::time::Sleep>);
+    poll_fn(|cx| {
+        if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+            return Poll::Ready(Ok(frame));
+        }
+        if deadline.is_none() {
+            deadline.set(Some(tokio::time::sleep(stall_max)));
+        }
+        let armed = deadline.as_mut().as_pin_mut().expect("armed just above");
+        armed
+            .poll(cx)
+            .map(|()| Err(ApiError::RequestTimeout { stalled: stall_max }))
+    })
+    .await
+}
+
+/// Reads the whole body (up to `limit_bytes`, each frame within `stall_max`).
 pub async fn read_body<B>(
     headers: &HeaderMap,
     body: B,
     limit_bytes: usize,
+    stall_max: Option<Duration>,
 ) -> Result<Bytes, ApiError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    LimitedBody::new(headers, body, limit_bytes)?
+    LimitedBody::new(headers, body, limit_bytes, stall_max)?
         .collect()
         .await
 }
@@ -234,23 +277,69 @@ mod tests {
     #[tokio::test]
     async fn limits_are_enforced_declared_or_not() {
         let mut headers = HeaderMap::new();
-        let read = read_body(&headers, body_of(&[b"0123456789"]), 10)
+        let read = read_body(&headers, body_of(&[b"0123456789"]), 10, None)
             .await
             .unwrap();
         assert_eq!(&read[..], b"0123456789");
-        let over = read_body(&headers, body_of(&[b"0123456789x"]), 10).await;
+        let over = read_body(&headers, body_of(&[b"0123456789x"]), 10, None).await;
         assert!(matches!(
             over,
             Err(ApiError::PayloadTooLarge { limit_bytes: 10 })
         ));
         // A declared length over the limit is refused before reading anything.
         headers.insert(header::CONTENT_LENGTH, "1000000".parse().unwrap());
-        let declared = LimitedBody::new(&headers, Body::empty(), 10);
+        let declared = LimitedBody::new(&headers, Body::empty(), 10, None);
         assert!(matches!(declared, Err(ApiError::PayloadTooLarge { .. })));
-        assert!(read_body(&HeaderMap::new(), Body::empty(), 10)
+        assert!(read_body(&HeaderMap::new(), Body::empty(), 10, None)
             .await
             .unwrap()
             .is_empty());
+    }
+
+    /// A body that sends `first` (if any), then nothing, ever.
+    struct Stalling(Option<Bytes>);
+
+    impl HttpBody for Stalling {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_coming_is_refused_after_the_stall_limit() {
+        let stall = Duration::from_millis(1_500);
+        let started = tokio::time::Instant::now();
+        let silent = read_body(&HeaderMap::new(), Stalling(None), 100, Some(stall)).await;
+        assert!(matches!(
+            silent,
+            Err(ApiError::RequestTimeout { stalled }) if stalled == stall
+        ));
+        assert_eq!(started.elapsed(), stall);
+        // The limit is on the wait for each frame: one that came resets it.
+        let started = tokio::time::Instant::now();
+        let partial = read_body(
+            &HeaderMap::new(),
+            Stalling(Some(Bytes::from_static(b"{\"user"))),
+            100,
+            Some(stall),
+        )
+        .await;
+        assert!(matches!(partial, Err(ApiError::RequestTimeout { .. })));
+        assert_eq!(started.elapsed(), stall);
+        // A body already in is read without any wait.
+        let whole = read_body(&HeaderMap::new(), body_of(&[b"{}"]), 100, Some(stall))
+            .await
+            .unwrap();
+        assert_eq!(&whole[..], b"{}");
     }
 
     #[test]

@@ -97,15 +97,13 @@ where
     // Bounded before any work, extractors included: past the bound a buyer is told to
     // come back (503 with Retry-After) rather than wait behind a queue that cannot
     // drain in time, and in a crowd most requests end here, so the refusal costs
-    // little more than the HTTP exchange itself.
-    let slot = match state.admission.admit_order() {
-        Ok(slot) => slot,
-        Err(reason) => {
-            OVERLOAD_SHED.increment(reason.as_str(), 1);
-            ORDER_OUTCOMES.increment(ApiError::Overloaded.code(), 1);
-            return ApiError::overloaded_response();
-        }
-    };
+    // little more than the HTTP exchange itself. The order's slot is taken once its
+    // body is in (`reserve`).
+    if let Err(reason) = state.admission.admit_order() {
+        OVERLOAD_SHED.increment(reason.as_str(), 1);
+        ORDER_OUTCOMES.increment(ApiError::Overloaded.code(), 1);
+        return ApiError::overloaded_response();
+    }
     let (mut parts, body) = request.into_parts();
     let client_and_sku = match routing {
         Routing::Router => match ClientIp::from_request_parts(&mut parts, &state).await {
@@ -124,7 +122,6 @@ where
         Ok((ip, sku)) => reserve(&state, ip, sku, &parts.headers, body).await,
         Err(error) => Err(error),
     };
-    drop(slot);
     let label = match &outcome {
         Ok(view) if view.replayed => "replayed",
         Ok(_) => "reserved",
@@ -214,7 +211,7 @@ where
     let engine = state.engine()?;
     state.admission.check_ip(ip).map_err(rate_limited)?;
     let SkuPath(sku) = sku?;
-    let body = read_body(headers, body, ORDER_BODY_BYTES_MAX).await?;
+    let body = read_body(headers, body, ORDER_BODY_BYTES_MAX, state.body_stall_max).await?;
     let user = parse_order_body(&body)?;
     let (device, key) = parse_order_headers(headers)?;
     if let Some(device) = &device {
@@ -244,6 +241,12 @@ where
         let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
         (key, RequestFingerprint::of(&[&body, device_bytes]))
     });
+    // Held until the engine answers: the order bound counts the orders the engine
+    // is deciding, not the clients still sending.
+    let _slot = state.admission.take_order_slot().map_err(|reason| {
+        OVERLOAD_SHED.increment(reason.as_str(), 1);
+        ApiError::Overloaded
+    })?;
     let view = engine
         .reserve(
             &sku,
