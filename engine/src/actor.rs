@@ -436,6 +436,17 @@ impl SkuActorState {
             Command::ConfirmPayment { .. } | Command::Cancel { .. }
         );
         let now = self.clock.now();
+        if self.sku.time_at(now) < self.sku.last_now() {
+            // Followed, not held: the clock had run far ahead and was corrected.
+            // Reservations made meanwhile still fall due by the clock they were made at.
+            metrics::counter!("keydrop_clock_steps_back_followed_total").increment(1);
+            tracing::warn!(
+                sku = %self.sku.id(),
+                clock_ms = now.0,
+                sku_time_ms = self.sku.last_now().0,
+                "the wall clock is far behind this SKU's latest time; following it back"
+            );
+        }
         // A keyed reservation the SKU has no order for may have been refused before.
         let keyed = match &command {
             Command::Reserve(request) => request

@@ -46,6 +46,13 @@ pub const KEYED_REFUSALS_PER_SKU_MAX: usize = 50_000;
 /// the node logs a late one), but the order stops growing.
 pub const REFUSED_PAYMENTS_PER_ORDER_MAX: usize = 64;
 
+/// How far the wall clock may step back behind a SKU's latest time and still be
+/// held at that time. NTP's small corrections are absorbed, so a SKU's time never
+/// runs backwards; a clock that had run far ahead and was then corrected is followed
+/// again at once, instead of every reservation made after the correction falling due
+/// (and the sale window being judged) at the wrong time until real time catches up.
+pub const CLOCK_STEP_BACK_HELD_MS: u64 = 5 * 60 * 1000;
+
 /// Reservation lifetimes: long enough to pay, short enough to not starve a drop.
 pub const RESERVATION_TTL_MS_MIN: u64 = 1_000;
 pub const RESERVATION_TTL_MS_MAX: u64 = 24 * 60 * 60 * 1000;

@@ -146,6 +146,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "keydrop_orders_pruned_total",
         "keydrop_idempotent_refusals_replayed_total",
         "keydrop_cards_revealed_total",
+        "keydrop_clock_steps_back_followed_total",
         ORDER_BOUND_OPENED,
         ORDER_FLOOR_RAISED,
         HTTP_ACCEPT_ERRORS,
@@ -295,6 +296,10 @@ fn describe() {
     describe_counter!(
         "keydrop_cards_revealed_total",
         "Card secrets opened for paid orders."
+    );
+    describe_counter!(
+        "keydrop_clock_steps_back_followed_total",
+        "Commands at which a SKU followed the wall clock back by more than 5 minutes (a clock that had run ahead, corrected); smaller steps back are held."
     );
     describe_counter!(
         "keydrop_snapshots_total",

@@ -38,8 +38,8 @@ type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::quality::RandomState, Pr
 use crate::clock::Timestamp;
 use crate::ids::{CardSerial, DeviceId, IdempotencyKey, OrderId, SkuId, UserId};
 use crate::limits::{
-    CARDS_PER_SKU_MAX, EXPIRE_BATCH_ORDERS_MAX, IMPORT_BATCH_CARDS_MAX, PRUNE_BATCH_ORDERS_MAX,
-    REFUSED_PAYMENTS_PER_ORDER_MAX,
+    CARDS_PER_SKU_MAX, CLOCK_STEP_BACK_HELD_MS, EXPIRE_BATCH_ORDERS_MAX, IMPORT_BATCH_CARDS_MAX,
+    PRUNE_BATCH_ORDERS_MAX, REFUSED_PAYMENTS_PER_ORDER_MAX,
 };
 use crate::vault::SealedSecret;
 use prefault::Prefaulted;
@@ -216,6 +216,11 @@ impl Sku {
     }
 
     /// When the next reservation falls due, so the owner knows when to wake up.
+    /// The latest time the SKU has decided anything at.
+    pub fn last_now(&self) -> Timestamp {
+        self.last_now
+    }
+
     pub fn next_expiry(&self) -> Option<Timestamp> {
         self.expiry_queue.first_at()
     }
@@ -239,8 +244,7 @@ impl Sku {
 
     /// Decides a command at `now` and applies the resulting events.
     pub fn handle(&mut self, command: Command, now: Timestamp) -> Decision {
-        // Wall clocks step backwards (NTP); the machine keeps its own time monotonic.
-        let now = now.max(self.last_now);
+        let now = self.time_at(now);
         let decision = self.decide(command, now);
         self.assert_conserved();
         decision
@@ -821,7 +825,19 @@ impl Sku {
     }
 
     fn touch(&mut self, at: Timestamp) {
-        self.last_now = self.last_now.max(at);
+        self.last_now = self.time_at(at);
+    }
+
+    /// The SKU's time when the wall clock reads `clock`: never behind the latest
+    /// time it has seen, unless the clock is more than [`CLOCK_STEP_BACK_HELD_MS`]
+    /// behind it (a clock that ran ahead, corrected), which is then followed.
+    /// Events carry the time they were decided at, so replay follows the same steps.
+    pub fn time_at(&self, clock: Timestamp) -> Timestamp {
+        if clock.0.saturating_add(CLOCK_STEP_BACK_HELD_MS) < self.last_now.0 {
+            clock
+        } else {
+            clock.max(self.last_now)
+        }
     }
 
     fn order_view(&self, order: &Order, replayed: bool) -> OrderView {

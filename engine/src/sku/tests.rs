@@ -391,6 +391,66 @@ fn clock_going_backwards_is_clamped() {
         Ok(Reply::Reserved(view)) => assert_eq!(view.created_at, Timestamp(T0 + 100)),
         other => panic!("{other:?}"),
     }
+    // Up to the held step, however far back within it.
+    assert_eq!(
+        sku.time_at(Timestamp(T0 + 100 - CLOCK_STEP_BACK_HELD_MS)),
+        Timestamp(T0 + 100)
+    );
+}
+
+/// A clock that ran an hour ahead and was corrected: what was decided meanwhile
+/// keeps its times, but the SKU follows the corrected clock at once, so later
+/// reservations fall due by it, not an hour late. Replay takes the same steps.
+#[test]
+fn a_clock_corrected_far_back_is_followed_and_replay_follows_it_too() {
+    const HOUR_MS: u64 = 60 * 60 * 1000;
+    let (mut sku, first) = Sku::create(sku_id(), def(), Timestamp(T0)).unwrap();
+    let mut log = vec![first];
+    let mut run = |sku: &mut Sku, command: Command, at: u64| {
+        let decision = sku.handle(command, Timestamp(at));
+        log.extend(decision.events.iter().cloned());
+        decision.reply
+    };
+    run(&mut sku, cards(&["A", "B", "C"]), T0).unwrap();
+    let (ahead, cmd) = reserve("early", None, None);
+    run(&mut sku, cmd, T0 + HOUR_MS).unwrap();
+    assert_eq!(sku.last_now(), Timestamp(T0 + HOUR_MS));
+    // Corrected: the next reservation falls due a TTL from the corrected time.
+    let back = T0 + 60_000;
+    assert_eq!(sku.time_at(Timestamp(back)), Timestamp(back));
+    let (id, cmd) = reserve("u", None, None);
+    match run(&mut sku, cmd, back).unwrap() {
+        Reply::Reserved(view) => {
+            assert_eq!(view.created_at, Timestamp(back));
+            assert_eq!(view.expires_at, Timestamp(back + TTL_MS));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sku.last_now(), Timestamp(back));
+    assert_eq!(sku.next_expiry(), Some(Timestamp(back + TTL_MS)));
+    // From the corrected time on, small steps back are held again.
+    assert_eq!(sku.time_at(Timestamp(back - 1_000)), Timestamp(back));
+    let expired = sku.handle(Command::ExpireDue, Timestamp(back + TTL_MS));
+    assert_eq!(expired.events.len(), 1);
+    log.extend(expired.events);
+    assert_eq!(
+        sku.order(&id).unwrap().status,
+        OrderStatus::Expired {
+            at: Timestamp(back + TTL_MS)
+        }
+    );
+    // The one made while the clock was ahead keeps the time it was made at.
+    assert_eq!(sku.order(&ahead).unwrap().status, OrderStatus::Reserved);
+    assert_eq!(sku.next_expiry(), Some(Timestamp(T0 + HOUR_MS + TTL_MS)));
+    let mut replayed = Sku::from_first_event(sku_id(), &log[0]).unwrap();
+    for event in &log[1..] {
+        replayed.apply_checked(event).unwrap();
+    }
+    assert_eq!(replayed.last_now(), sku.last_now());
+    assert_eq!(
+        codec::encode_snapshot(0, replayed.snapshot_ref()),
+        codec::encode_snapshot(0, sku.snapshot_ref())
+    );
 }
 
 #[test]
