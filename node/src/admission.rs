@@ -140,6 +140,21 @@ pub fn lag_shed_share(lag: Duration, limit: Duration) -> f64 {
     ((lag.as_secs_f64() - limit.as_secs_f64()) / limit.as_secs_f64()).clamp(0.0, 1.0)
 }
 
+/// The per-IP bucket an address counts against: an IPv4 address (also one mapped
+/// into IPv6) alone, an IPv6 address by its /64. One subscriber is handed a whole
+/// /64, and a bucket per address would let them take a fresh one for every request.
+pub fn ip_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// Why an order was shed with 503 `overloaded` before any work was done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overload {
@@ -229,7 +244,9 @@ impl Admission {
     }
 
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Rejected> {
-        self.per_ip.as_ref().map_or(Ok(()), |l| l.check(&ip))
+        self.per_ip
+            .as_ref()
+            .map_or(Ok(()), |l| l.check(&ip_bucket(ip)))
     }
 
     pub fn check_user(&self, user: &UserId) -> Result<(), Rejected> {
@@ -420,6 +437,32 @@ mod tests {
             (290..=310).contains(&shed),
             "30% of 1,000 shed evenly: {shed}"
         );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_bucketed_by_its_64() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert_eq!(ip_bucket(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            ip_bucket(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(ip_bucket(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(ip_bucket(ip("::ffff:198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(ip_bucket(ip("198.51.100.7")), ip("198.51.100.7"));
+        let a = admission(Config {
+            rate_per_ip: 1,
+            burst_per_ip: 1,
+            ..Config::default()
+        });
+        a.check_ip(ip("2001:db8::1"))
+            .expect("the first request of the /64");
+        assert!(
+            a.check_ip(ip("2001:db8::2")).is_err(),
+            "another address of the same /64 shares its bucket"
+        );
+        a.check_ip(ip("2001:db8:0:1::1"))
+            .expect("another /64 has a bucket of its own");
     }
 
     #[test]
