@@ -526,6 +526,11 @@ impl Engine {
             )));
         }
         let sku = Sku::from_snapshot(snapshot).map_err(EngineError::InvalidBundle)?;
+        // A bundle comes from elsewhere: its definition is held to the rules a PUT is
+        // (a reservation TTL of u64::MAX would never expire).
+        sku.def()
+            .validate()
+            .map_err(|e| EngineError::InvalidBundle(e.to_string()))?;
         let id = sku.id().clone();
         let _creating = self.inner.create_lock.lock().await;
         if self.inner.skus.contains_key(&id) {

@@ -596,6 +596,15 @@ async fn a_sku_moves_between_engines_with_its_orders() {
             Err(EngineError::InvalidBundle(_))
         ));
     }
+    // A definition no PUT would take is refused in a bundle too.
+    let (seq, mut snapshot) = keydrop_engine::codec::decode_snapshot(&bundle).unwrap();
+    snapshot.def.reservation_ttl_ms = u64::MAX;
+    let state = keydrop_engine::sku::Sku::from_snapshot(snapshot).unwrap();
+    let never_expiring = keydrop_engine::codec::encode_snapshot(seq, state.snapshot_ref());
+    assert!(matches!(
+        b.engine.import_sku(&never_expiring).await,
+        Err(EngineError::InvalidBundle(_))
+    ));
     let (_, secret) = b.engine.order(&order_id).await.unwrap().card.unwrap();
     assert_eq!(secret.expose(), "SECRET-M-000000-XYZZY");
     b.engine.shutdown().await;
