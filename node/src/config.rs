@@ -46,6 +46,9 @@ pub struct Config {
     /// Milliseconds a request body may go without sending any of itself before the
     /// request is answered 408 `request_timeout`; 0 waits forever.
     pub body_stall_timeout_ms: u32,
+    /// Seconds a connection may start no request while not inside one (idle
+    /// keep-alive, or a head that never completes) before it is closed; 0 never.
+    pub connection_idle_timeout_secs: u32,
     /// The most orders inside the node at once (admitted, not yet answered); past
     /// the bound, new ones get 503 `overloaded` at once instead of queueing in front
     /// of the engine. The bound starts here and moves between `orders_in_flight_min`
@@ -98,6 +101,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace_secs: 30,
             body_stall_timeout_ms: 10_000,
+            connection_idle_timeout_secs: 60,
             orders_in_flight_max: 1024,
             orders_in_flight_min: 32,
             orders_in_flight_target_ms: 5,
@@ -227,6 +231,9 @@ impl Config {
         }
         if let Some(v) = get("KEYDROP_BODY_STALL_TIMEOUT_MS") {
             self.body_stall_timeout_ms = parse("KEYDROP_BODY_STALL_TIMEOUT_MS", &v)?;
+        }
+        if let Some(v) = get("KEYDROP_CONNECTION_IDLE_TIMEOUT_SECS") {
+            self.connection_idle_timeout_secs = parse("KEYDROP_CONNECTION_IDLE_TIMEOUT_SECS", &v)?;
         }
         if let Some(v) = get("KEYDROP_ORDERS_IN_FLIGHT_MAX") {
             self.orders_in_flight_max = parse("KEYDROP_ORDERS_IN_FLIGHT_MAX", &v)?;

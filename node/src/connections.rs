@@ -11,15 +11,26 @@
 //! mid-request still has its order answered and journaled, as it would have had a
 //! moment later), and learns of a shutdown from an atomic flag, its waker handed over
 //! once.
+//!
+//! **Idle connections close.** A connection that has started no request for
+//! `connection_idle_timeout_secs` while not inside one is closed: a keep-alive
+//! connection left open, or a client trickling a request head a byte at a time, must
+//! not hold a socket and its buffers for good. hyper times a head only with a timer
+//! armed for every request; here each request costs two uncontended counter bumps on
+//! its own connection, and one task sweeps every connection a few times per timeout.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use axum::response::Response;
+use hyper::body::Incoming;
+use hyper::Request;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -34,9 +45,18 @@ use crate::metrics;
 const ACCEPT_RETRY: Duration = Duration::from_secs(1);
 
 /// Serves `listener` until `stop` turns true, then drains: returns once every
-/// connection has closed. The caller bounds how long that may take.
-pub async fn serve(listener: TcpListener, api: Api, mut stop: watch::Receiver<bool>) {
+/// connection has closed. The caller bounds how long that may take. With
+/// `idle_timeout`, connections idle that long are closed (see the module doc).
+pub async fn serve(
+    listener: TcpListener,
+    api: Api,
+    idle_timeout: Option<Duration>,
+    mut stop: watch::Receiver<bool>,
+) {
     let drain = Arc::new(Drain::default());
+    if let Some(idle_timeout) = idle_timeout {
+        tokio::spawn(sweep_idle(Arc::clone(&drain), idle_timeout, stop.clone()));
+    }
     let mut http = http1::Builder::new();
     http.half_close(true)
         // hyper times a request head only with a timer, which would cost every
@@ -62,10 +82,15 @@ pub async fn serve(listener: TcpListener, api: Api, mut stop: watch::Receiver<bo
             }
         };
         next_id += 1;
-        let connection = http.serve_connection(TokioIo::new(stream), api.for_connection(peer));
+        let activity = Arc::new(Activity::default());
+        let service = Tracked {
+            api: api.for_connection(peer),
+            activity: Arc::clone(&activity),
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(Served {
             connection,
-            place: Open::new(&drain, next_id),
+            place: Open::new(&drain, next_id, activity),
             asked_to_finish: false,
         });
     }
@@ -94,11 +119,136 @@ fn is_about_one_connection(error: &io::Error) -> bool {
 struct Drain {
     /// Set once, when the node stops accepting.
     draining: AtomicBool,
-    /// Each connection's waker, handed over at its first poll, so that setting
-    /// `draining` wakes the idle ones to see it.
-    wakers: Mutex<HashMap<u64, Waker>>,
+    /// Each connection's waker and activity, handed over at its first poll, so that
+    /// setting `draining` (or asking an idle one to close) wakes it to see it.
+    wakers: Mutex<HashMap<u64, Handed>>,
     /// One receiver per open connection; `closed()` resolves when all are gone.
     open: watch::Sender<()>,
+}
+
+/// A connection as the drain and the idle sweep see it.
+struct Handed {
+    waker: Waker,
+    activity: Arc<Activity>,
+    /// `activity.started` at the last sweep, and since when it has not moved while
+    /// the connection was between requests (only the sweep touches these).
+    started_seen: u64,
+    idle_since: Option<Instant>,
+}
+
+/// What one connection has done, counted by its service and read by the sweep.
+#[derive(Debug)]
+struct Activity {
+    /// Requests whose head was read and handed to the API.
+    started: AtomicU64,
+    /// Of those, the ones whose answer is made.
+    finished: AtomicU64,
+    /// Set by the sweep to `started` as it saw it: the connection is to close,
+    /// unless a request has started since. `u64::MAX`: not asked.
+    close_if_started: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            close_if_started: AtomicU64::new(NOT_ASKED),
+        }
+    }
+}
+
+const NOT_ASKED: u64 = u64::MAX;
+
+impl Activity {
+    fn in_request(&self) -> bool {
+        self.started.load(Ordering::Relaxed) != self.finished.load(Ordering::Relaxed)
+    }
+}
+
+/// The API service of one connection, counting its requests into `activity`.
+struct Tracked {
+    api: ConnectionApi,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Answered<<ConnectionApi as hyper::service::Service<Request<Incoming>>>::Future>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.activity.started.fetch_add(1, Ordering::Relaxed);
+        Answered {
+            answer: self.api.call(request),
+            _finished: FinishedOnDrop(Arc::clone(&self.activity)),
+        }
+    }
+}
+
+/// A request's answer, counted finished when done with (answered or dropped).
+struct Answered<F> {
+    answer: F,
+    _finished: FinishedOnDrop,
+}
+
+struct FinishedOnDrop(Arc<Activity>);
+
+impl Drop for FinishedOnDrop {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<F: Future + Unpin> Future for Answered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.answer).poll(cx)
+    }
+}
+
+/// Every third of `idle_timeout`, closes the connections that have started no
+/// request for `idle_timeout` while not inside one. Stops with the server (the
+/// drain then closes every idle connection anyway).
+async fn sweep_idle(drain: Arc<Drain>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let mut sweeps = tokio::time::interval((idle_timeout / 3).max(Duration::from_millis(100)));
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = sweeps.tick() => {}
+        }
+        let now = Instant::now();
+        let mut closed = 0u64;
+        for handed in lock(&drain.wakers).values_mut() {
+            let started = handed.activity.started.load(Ordering::Relaxed);
+            if started != handed.started_seen || handed.activity.in_request() {
+                handed.started_seen = started;
+                handed.idle_since = None;
+                continue;
+            }
+            let idle_since = *handed.idle_since.get_or_insert(now);
+            if now.duration_since(idle_since) >= idle_timeout
+                && handed
+                    .activity
+                    .close_if_started
+                    .swap(started, Ordering::Relaxed)
+                    == NOT_ASKED
+            {
+                handed.waker.wake_by_ref();
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            ::metrics::counter!(metrics::HTTP_CONNECTIONS_CLOSED_IDLE).increment(closed);
+            tracing::debug!(
+                closed,
+                idle_secs = idle_timeout.as_secs_f64(),
+                "idle connections closed"
+            );
+        }
+    }
 }
 
 impl Default for Drain {
@@ -117,8 +267,8 @@ impl Drain {
         // its waker before it reads the flag: either it sees the flag, or it is
         // among the woken.
         self.draining.store(true, Ordering::SeqCst);
-        for waker in lock(&self.wakers).values() {
-            waker.wake_by_ref();
+        for handed in lock(&self.wakers).values() {
+            handed.waker.wake_by_ref();
         }
     }
 
@@ -138,30 +288,61 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Open {
     drain: Arc<Drain>,
     id: u64,
+    activity: Arc<Activity>,
     waker_handed_over: bool,
     _counted: watch::Receiver<()>,
 }
 
 impl Open {
-    fn new(drain: &Arc<Drain>, id: u64) -> Self {
+    fn new(drain: &Arc<Drain>, id: u64, activity: Arc<Activity>) -> Self {
         ::metrics::gauge!(metrics::HTTP_CONNECTIONS_OPEN).increment(1.0);
         Open {
             drain: Arc::clone(drain),
             id,
+            activity,
             waker_handed_over: false,
             _counted: drain.open.subscribe(),
         }
     }
 
-    /// Whether the node is draining; the first call hands over the task's waker.
-    /// A spawned task keeps one waker for its life, so once is enough.
-    fn is_draining(&mut self, cx: &Context<'_>) -> bool {
+    /// Whether the connection is to finish, and how. The first call hands over the
+    /// task's waker; a spawned task keeps one waker for its life, so once is enough.
+    fn finish(&mut self, cx: &Context<'_>) -> Finish {
         if !self.waker_handed_over {
-            lock(&self.drain.wakers).insert(self.id, cx.waker().clone());
+            let handed = Handed {
+                waker: cx.waker().clone(),
+                activity: Arc::clone(&self.activity),
+                started_seen: 0,
+                idle_since: None,
+            };
+            lock(&self.drain.wakers).insert(self.id, handed);
             self.waker_handed_over = true;
         }
-        self.drain.is_draining()
+        let asked = self.activity.close_if_started.load(Ordering::Relaxed);
+        if asked != NOT_ASKED {
+            // Nothing started since the sweep saw it idle: no request is being read
+            // as a body or answered, only perhaps a head, so the socket can go now.
+            if self.activity.started.load(Ordering::Relaxed) == asked && !self.activity.in_request()
+            {
+                return Finish::Now;
+            }
+            return Finish::AfterAnswer;
+        }
+        if self.drain.is_draining() {
+            Finish::AfterAnswer
+        } else {
+            Finish::No
+        }
     }
+}
+
+enum Finish {
+    No,
+    /// Keep-alive off: the request in flight is answered, then the connection
+    /// closes; an idle one closes at once.
+    AfterAnswer,
+    /// Closed without a word: idle, with at most a head half read.
+    Now,
 }
 
 impl Drop for Open {
@@ -177,7 +358,7 @@ pin_project_lite::pin_project! {
     /// One connection served to its end, asked to finish when the node drains.
     struct Served {
         #[pin]
-        connection: http1::Connection<TokioIo<TcpStream>, ConnectionApi>,
+        connection: http1::Connection<TokioIo<TcpStream>, Tracked>,
         place: Open,
         asked_to_finish: bool,
     }
@@ -188,11 +369,15 @@ impl Future for Served {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if !*this.asked_to_finish && this.place.is_draining(cx) {
-            // Keep-alive off: the request in flight is answered, then the
-            // connection closes; an idle one closes now.
-            this.connection.as_mut().graceful_shutdown();
-            *this.asked_to_finish = true;
+        if !*this.asked_to_finish {
+            match this.place.finish(cx) {
+                Finish::No => {}
+                Finish::AfterAnswer => {
+                    this.connection.as_mut().graceful_shutdown();
+                    *this.asked_to_finish = true;
+                }
+                Finish::Now => return Poll::Ready(()),
+            }
         }
         match this.connection.poll(cx) {
             Poll::Pending => Poll::Pending,

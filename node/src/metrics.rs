@@ -21,6 +21,7 @@ pub const HTTP_REQUESTS: &str = "keydrop_http_requests_total";
 pub const HTTP_DURATION: &str = "keydrop_http_request_duration_seconds";
 pub const HTTP_CONNECTIONS_OPEN: &str = "keydrop_http_connections_open";
 pub const HTTP_ACCEPT_ERRORS: &str = "keydrop_http_accept_errors_total";
+pub const HTTP_CONNECTIONS_CLOSED_IDLE: &str = "keydrop_http_connections_closed_idle_total";
 pub const ORDERS: &str = "keydrop_orders_total";
 pub const ORDERS_SHED: &str = "keydrop_orders_shed_total";
 pub const ORDERS_OVERLOAD_SHED: &str = "keydrop_orders_overload_shed_total";
@@ -150,6 +151,7 @@ pub fn install() -> Result<PrometheusHandle> {
         ORDER_BOUND_OPENED,
         ORDER_FLOOR_RAISED,
         HTTP_ACCEPT_ERRORS,
+        HTTP_CONNECTIONS_CLOSED_IDLE,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -176,6 +178,10 @@ fn describe() {
     describe_counter!(
         HTTP_ACCEPT_ERRORS,
         "Times accepting a connection failed for a reason not about that connection (such as running out of file descriptors); the node retries a second later."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_CLOSED_IDLE,
+        "Connections closed for starting no request for connection_idle_timeout_secs while not inside one (idle keep-alive, or a request head that never completed)."
     );
     describe_histogram!(
         HTTP_DURATION,

@@ -65,7 +65,14 @@ pub async fn run(
     });
 
     let api = api::dispatch::Api::new(state.clone());
-    let server = tokio::spawn(connections::serve(listener, api, stop_rx.clone()));
+    let idle_timeout = (config.connection_idle_timeout_secs > 0)
+        .then(|| Duration::from_secs(config.connection_idle_timeout_secs.into()));
+    let server = tokio::spawn(connections::serve(
+        listener,
+        api,
+        idle_timeout,
+        stop_rx.clone(),
+    ));
 
     // Recover while /healthz already answers.
     let db_dir = config.db_dir();

@@ -283,6 +283,78 @@ async fn a_stalled_order_body_times_out_and_holds_no_slot() {
     assert_eq!(stock(&node, "stalled").await, (Some(1), Some(3)));
 }
 
+/// A connection that starts no request for the idle timeout is closed: one that
+/// never sends anything, and one that trickles a request head it never finishes. A
+/// connection in use every 300 ms stays open throughout.
+#[tokio::test]
+async fn idle_and_trickling_connections_are_closed_and_busy_ones_kept() {
+    let node = Node::start(&[("KEYDROP_CONNECTION_IDLE_TIMEOUT_SECS", "1")]).await;
+    let addr = node
+        .url
+        .strip_prefix("http://")
+        .expect("an http:// URL")
+        .to_owned();
+    // Reads until the node closes the connection; how long that took.
+    async fn closed_after(read: &mut tokio::net::tcp::OwnedReadHalf) -> Duration {
+        let started = tokio::time::Instant::now();
+        let mut sink = [0u8; 1024];
+        let until_closed = async { while read.read(&mut sink).await.map_or(0, |n| n) > 0 {} };
+        tokio::time::timeout(Duration::from_secs(10), until_closed)
+            .await
+            .expect("closed by the node within 10 s");
+        started.elapsed()
+    }
+    let silent = async {
+        let (mut read, _write) = TcpStream::connect(&addr).await.unwrap().into_split();
+        closed_after(&mut read).await
+    };
+    let trickling = async {
+        let (mut read, mut write) = TcpStream::connect(&addr).await.unwrap().into_split();
+        let trickle = tokio::spawn(async move {
+            for byte in
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            {
+                if write.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let after = closed_after(&mut read).await;
+        trickle.abort();
+        after
+    };
+    let busy = async {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let mut answer = [0u8; 4096];
+        for _ in 0..10 {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("the busy connection is still open");
+            let n = stream.read(&mut answer).await.unwrap();
+            assert!(
+                answer[..n].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&answer[..n])
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let (silent, trickling, ()) = tokio::join!(silent, trickling, busy);
+    for (what, after) in [("silent", silent), ("trickling", trickling)] {
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+            "{what} connection closed after {after:?}"
+        );
+    }
+    assert!(
+        node.metric("keydrop_http_connections_closed_idle_total")
+            .await
+            >= 2.0
+    );
+}
+
 /// Status and JSON body of an HTTP/1.1 exchange written by hand on its own
 /// connection. `write` sends the request and runs alongside the read: a node that
 /// refuses early answers before the body is sent and may drop the connection under
