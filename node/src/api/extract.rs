@@ -108,21 +108,20 @@ where
 
 /// The body's next frame, or 408 once it has kept the reader waiting `stall_max`.
 /// A body already buffered (nearly every order: it comes in the packet of its head)
-/// is taken without arming a timer, so the common case costs no timer entry.
+/// is taken without making a timer: the timer is boxed, made only once the body
+/// makes the reader wait, so the common case carries a pointer, not a `Sleep`.
 async fn next_frame_within<B: HttpBody + Unpin>(
     body: &mut B,
     stall_max: Duration,
 ) -> Result<Option<Result<Frame<B::Data>, B::Error>>, ApiError> {
-    let mut deadline = std::pin::pin!(None::<tokio::time::Sleep>);
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
             return Poll::Ready(Ok(frame));
         }
-        if deadline.is_none() {
-            deadline.set(Some(tokio::time::sleep(stall_max)));
-        }
-        let armed = deadline.as_mut().as_pin_mut().expect("armed just above");
-        armed
+        deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall_max)))
+            .as_mut()
             .poll(cx)
             .map(|()| Err(ApiError::RequestTimeout { stalled: stall_max }))
     })
