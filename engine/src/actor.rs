@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Timestamp};
 use crate::codec;
 use crate::error::EngineError;
 use crate::ids::{OrderId, PaymentRef, SkuId};
@@ -136,7 +136,7 @@ impl SkuShared {
         self.available.load(Ordering::Relaxed)
     }
 
-    pub fn view(&self, now: crate::clock::Timestamp) -> SkuView {
+    pub fn view(&self, now: Timestamp) -> SkuView {
         let def = SkuDef::clone(&self.def.load());
         let counts = StockCounts {
             available: self.available.load(Ordering::Relaxed),
@@ -207,6 +207,9 @@ pub(crate) struct SkuActorState {
     /// Set when reloading from disk failed: every command is refused from then on.
     poisoned: bool,
     keyed_refusals: KeyedRefusals,
+    /// The SKU time the clock was last found far behind (and followed back from),
+    /// so that each such step is counted and logged once.
+    clock_followed_back_from: Option<Timestamp>,
     shared: Arc<SkuShared>,
     journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
@@ -237,6 +240,7 @@ impl Actor for SkuActor {
             snapshot_records_min: args.snapshot_records_min,
             poisoned: false,
             keyed_refusals: KeyedRefusals::default(),
+            clock_followed_back_from: None,
             shared: args.shared,
             journal: args.journal,
             clock: args.clock,
@@ -424,21 +428,15 @@ impl SkuActorState {
             }
             return 0;
         }
-        // A payment refused for what an earlier callback left on the order (its
-        // reference seen before) reflects that callback's record: it leaves once the
-        // record is durable, or the provider could hold a final answer whose refund
-        // record a crash then loses. Likewise a cancel refused as already paid (the
-        // payment's record may still be on its way to disk) and a key refused as
-        // reused (its reservation may be): a crash before the fsync would make the
-        // answer false.
-        let refusal_reflects_state = matches!(
-            command,
-            Command::ConfirmPayment { .. } | Command::Cancel { .. }
-        );
+        let refusal_waits = RefusalWaits::for_command(&command);
         let now = self.clock.now();
-        if self.sku.time_at(now) < self.sku.last_now() {
+        if self.sku.time_at(now) < self.sku.last_now()
+            && self.clock_followed_back_from != Some(self.sku.last_now())
+        {
             // Followed, not held: the clock had run far ahead and was corrected.
             // Reservations made meanwhile still fall due by the clock they were made at.
+            // Told once per step: the SKU's time moves only with its next record.
+            self.clock_followed_back_from = Some(self.sku.last_now());
             metrics::counter!("keydrop_clock_steps_back_followed_total").increment(1);
             tracing::warn!(
                 sku = %self.sku.id(),
@@ -477,10 +475,7 @@ impl SkuActorState {
         self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {
             match (decision.reply, reply) {
-                (Err(refusal), Some(reply))
-                    if refusal_reflects_state
-                        || matches!(refusal, SkuError::IdempotencyKeyReused) =>
-                {
+                (Err(refusal), Some(reply)) if refusal_waits.applies_to(&refusal) => {
                     self.after_durable(Box::new(move |durable| {
                         let _ = reply.send(durable.and(Err(EngineError::Sku(refusal))));
                     }));
@@ -651,6 +646,31 @@ impl SkuActorState {
                 self.poisoned = true;
             }
         }
+    }
+}
+
+/// Which refusals of a command are answered only once the journal holds everything
+/// before them: those that reflect a record perhaps still on its way to disk, which
+/// a crash before the fsync would make false. A payment refused for what an earlier
+/// callback left on the order (the provider would hold a final answer whose refund
+/// record a crash then loses); a cancel refused because the order is paid or ended;
+/// a key refused as reused, when its reservation may not be durable yet.
+#[derive(Debug, Clone, Copy)]
+enum RefusalWaits {
+    All,
+    KeyReusedOnly,
+}
+
+impl RefusalWaits {
+    fn for_command(command: &Command) -> Self {
+        match command {
+            Command::ConfirmPayment { .. } | Command::Cancel { .. } => RefusalWaits::All,
+            _ => RefusalWaits::KeyReusedOnly,
+        }
+    }
+
+    fn applies_to(self, refusal: &SkuError) -> bool {
+        matches!(self, RefusalWaits::All) || matches!(refusal, SkuError::IdempotencyKeyReused)
     }
 }
 

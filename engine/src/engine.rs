@@ -22,11 +22,11 @@ use crate::ids::{
 use crate::journal::{Journal, JournalOp, JournalOptions, RecoveredSku, RecoveryReport};
 use crate::limits::{
     ACTOR_MAILBOX_DEPTH_MAX, BUNDLE_SEQ_MAX, EVENTS_BETWEEN_SNAPSHOTS_MIN, IMPORT_BATCH_CARDS_MAX,
-    JOURNAL_QUEUE_DEPTH_MAX, QUIET_RECORDS_PER_SEC_MAX,
+    JOURNAL_QUEUE_DEPTH_MAX, QUIET_RECORDS_PER_SEC_MAX, RESERVATION_TTL_MS_MAX,
 };
 use crate::sku::{
-    Command, ImportOutcome, NewCard, OrderView, Reply, ReserveRequest, Sku, SkuDef, SkuError,
-    SkuView,
+    Command, ImportOutcome, NewCard, OrderStatus, OrderView, Reply, ReserveRequest, Sku, SkuDef,
+    SkuError, SkuView,
 };
 use crate::vault::{CardSecret, KeyRing, SealedSecret};
 
@@ -525,12 +525,23 @@ impl Engine {
                 "sequence number {seq} is past {BUNDLE_SEQ_MAX}"
             )));
         }
-        let sku = Sku::from_snapshot(snapshot).map_err(EngineError::InvalidBundle)?;
-        // A bundle comes from elsewhere: its definition is held to the rules a PUT is
-        // (a reservation TTL of u64::MAX would never expire).
-        sku.def()
+        // A bundle comes from elsewhere: its definition is held to the rules a PUT is,
+        // and no reservation in it may outlive the longest TTL (either would let a
+        // card be held for good).
+        snapshot
+            .def
             .validate()
             .map_err(|e| EngineError::InvalidBundle(e.to_string()))?;
+        if let Some(order) = snapshot.orders.iter().find(|order| {
+            order.status == OrderStatus::Reserved
+                && order.expires_at.0.saturating_sub(order.created_at.0) > RESERVATION_TTL_MS_MAX
+        }) {
+            return Err(EngineError::InvalidBundle(format!(
+                "order {} is reserved for longer than the longest reservation TTL",
+                order.id
+            )));
+        }
+        let sku = Sku::from_snapshot(snapshot).map_err(EngineError::InvalidBundle)?;
         let id = sku.id().clone();
         let _creating = self.inner.create_lock.lock().await;
         if self.inner.skus.contains_key(&id) {

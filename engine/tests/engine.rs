@@ -473,6 +473,49 @@ async fn a_cancel_refused_as_paid_waits_for_the_payment_to_be_durable() {
     o.engine.shutdown().await;
 }
 
+/// A key refused as reused, while the reservation made under it is still on its way
+/// to disk, is answered once that reservation is durable: had it failed, the key
+/// would not have been used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_refused_as_reused_waits_for_its_reservation_to_be_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
+    let id = sku("reused");
+    o.stocked(&id, cards("K", 0..2)).await;
+    let keyed = |fingerprint: u8| Reservation {
+        user: UserId::parse("keyed").unwrap(),
+        device: None,
+        idempotency: Some((
+            IdempotencyKey::parse("once").unwrap(),
+            RequestFingerprint([fingerprint; 16]),
+        )),
+    };
+    o.fault.hold_writes();
+    let release = ReleaseOnDrop(o.fault.clone());
+    let mut first = Box::pin(o.engine.reserve(&id, keyed(1)));
+    assert!(poll_once(&mut first).await.is_none());
+    assert!(
+        eventually(Duration::from_secs(10), || o.engine.journal_queue_depth()
+            >= 1)
+        .await
+    );
+    let mut reused = Box::pin(o.engine.reserve(&id, keyed(2)));
+    assert!(poll_once(&mut reused).await.is_none());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let early = poll_once(&mut reused).await;
+    assert!(
+        early.is_none(),
+        "answered before the reservation was durable: {early:?}"
+    );
+    drop(release);
+    first.await.unwrap();
+    assert!(matches!(
+        reused.await,
+        Err(EngineError::Sku(SkuError::IdempotencyKeyReused))
+    ));
+    o.engine.shutdown().await;
+}
+
 /// A payment whose write failed, on a SKU that then cannot be reloaded either,
 /// lives only in memory: its card is not revealed, and the payment is not there
 /// after a restart.
@@ -603,6 +646,29 @@ async fn a_sku_moves_between_engines_with_its_orders() {
     let never_expiring = keydrop_engine::codec::encode_snapshot(seq, state.snapshot_ref());
     assert!(matches!(
         b.engine.import_sku(&never_expiring).await,
+        Err(EngineError::InvalidBundle(_))
+    ));
+    // So is a reservation held for longer than any TTL allows.
+    let (seq, mut snapshot) = keydrop_engine::codec::decode_snapshot(&bundle).unwrap();
+    let order = &mut snapshot.orders[0];
+    order.status = OrderStatus::Reserved;
+    order.expires_at = keydrop_engine::Timestamp(
+        order.created_at.0 + keydrop_engine::limits::RESERVATION_TTL_MS_MAX + 1,
+    );
+    let available = snapshot.available.iter().copied().collect();
+    let held_for_good = keydrop_engine::codec::encode_snapshot(
+        seq,
+        keydrop_engine::sku::SkuSnapshotRef {
+            id: &snapshot.id,
+            def: &snapshot.def,
+            cards: &snapshot.cards,
+            orders: snapshot.orders.iter().collect(),
+            available: &available,
+            last_now: snapshot.last_now,
+        },
+    );
+    assert!(matches!(
+        b.engine.import_sku(&held_for_good).await,
         Err(EngineError::InvalidBundle(_))
     ));
     let (_, secret) = b.engine.order(&order_id).await.unwrap().card.unwrap();

@@ -43,13 +43,13 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a shutdown waits for in-flight requests before it stops anyway.
     pub shutdown_grace_secs: u64,
-    /// Milliseconds a request body may go without sending any of itself before the
-    /// request is answered 408 `request_timeout`; 0 waits forever.
-    pub body_stall_timeout_ms: u32,
+    /// Milliseconds a request body may take to come in (a card import: each part of
+    /// it) before the request is answered 408 `request_timeout`; 0 waits forever.
+    pub body_read_timeout_ms: u32,
     /// Seconds a connection may start no request while not inside one (idle
     /// keep-alive, or a head that never completes) before it is closed; 0 never.
     pub connection_idle_timeout_secs: u32,
-    /// The most orders inside the node at once (admitted, not yet answered); past
+    /// The most orders inside the node at once (their body read, not yet answered); past
     /// the bound, new ones get 503 `overloaded` at once instead of queueing in front
     /// of the engine. The bound starts here and moves between `orders_in_flight_min`
     /// and this with the time orders spend inside (see `order_slots.rs`). 0 turns it
@@ -100,7 +100,7 @@ impl Default for Config {
             log: "info".to_owned(),
             log_format: LogFormat::Text,
             shutdown_grace_secs: 30,
-            body_stall_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
             connection_idle_timeout_secs: 60,
             orders_in_flight_max: 1024,
             orders_in_flight_min: 32,
@@ -229,8 +229,8 @@ impl Config {
         if let Some(v) = get("KEYDROP_SHUTDOWN_GRACE_SECS") {
             self.shutdown_grace_secs = parse("KEYDROP_SHUTDOWN_GRACE_SECS", &v)?;
         }
-        if let Some(v) = get("KEYDROP_BODY_STALL_TIMEOUT_MS") {
-            self.body_stall_timeout_ms = parse("KEYDROP_BODY_STALL_TIMEOUT_MS", &v)?;
+        if let Some(v) = get("KEYDROP_BODY_READ_TIMEOUT_MS") {
+            self.body_read_timeout_ms = parse("KEYDROP_BODY_READ_TIMEOUT_MS", &v)?;
         }
         if let Some(v) = get("KEYDROP_CONNECTION_IDLE_TIMEOUT_SECS") {
             self.connection_idle_timeout_secs = parse("KEYDROP_CONNECTION_IDLE_TIMEOUT_SECS", &v)?;

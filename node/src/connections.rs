@@ -144,8 +144,11 @@ struct Activity {
     /// Of those, the ones whose answer is made.
     finished: AtomicU64,
     /// Set by the sweep to `started` as it saw it: the connection is to close,
-    /// unless a request has started since. `u64::MAX`: not asked.
+    /// after the answer it may still be writing. `u64::MAX`: not asked.
     close_if_started: AtomicU64,
+    /// Set by the sweep a second idle period after asking: close now, whatever hyper
+    /// is doing (a head it waits to complete, an answer nobody reads).
+    close_now: AtomicBool,
 }
 
 impl Default for Activity {
@@ -154,6 +157,7 @@ impl Default for Activity {
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             close_if_started: AtomicU64::new(NOT_ASKED),
+            close_now: AtomicBool::new(false),
         }
     }
 }
@@ -208,9 +212,10 @@ impl<F: Future + Unpin> Future for Answered<F> {
     }
 }
 
-/// Every third of `idle_timeout`, closes the connections that have started no
-/// request for `idle_timeout` while not inside one. Stops with the server (the
-/// drain then closes every idle connection anyway).
+/// Every third of `idle_timeout`, asks the connections that have started no request
+/// for `idle_timeout` while not inside one to close, and tells those still open a
+/// second `idle_timeout` later to close at once. Stops with the server (the drain
+/// then closes every idle connection anyway).
 async fn sweep_idle(drain: Arc<Drain>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) {
     let mut sweeps = tokio::time::interval((idle_timeout / 3).max(Duration::from_millis(100)));
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,16 +233,17 @@ async fn sweep_idle(drain: Arc<Drain>, idle_timeout: Duration, mut stop: watch::
                 handed.idle_since = None;
                 continue;
             }
-            let idle_since = *handed.idle_since.get_or_insert(now);
-            if now.duration_since(idle_since) >= idle_timeout
-                && handed
-                    .activity
-                    .close_if_started
-                    .swap(started, Ordering::Relaxed)
-                    == NOT_ASKED
+            let idle_for = now.duration_since(*handed.idle_since.get_or_insert(now));
+            let activity = &handed.activity;
+            if idle_for >= idle_timeout
+                && activity.close_if_started.swap(started, Ordering::Relaxed) == NOT_ASKED
             {
                 handed.waker.wake_by_ref();
                 closed += 1;
+            } else if idle_for >= 2 * idle_timeout
+                && !activity.close_now.swap(true, Ordering::Relaxed)
+            {
+                handed.waker.wake_by_ref();
             }
         }
         if closed > 0 {
@@ -318,12 +324,17 @@ impl Open {
             lock(&self.drain.wakers).insert(self.id, handed);
             self.waker_handed_over = true;
         }
-        let asked = self.activity.close_if_started.load(Ordering::Relaxed);
+        let activity = &self.activity;
+        if activity.close_now.load(Ordering::Relaxed) {
+            return Finish::Now;
+        }
+        let asked = activity.close_if_started.load(Ordering::Relaxed);
         if asked != NOT_ASKED {
-            // Nothing started since the sweep saw it idle: no request is being read
-            // as a body or answered, only perhaps a head, so the socket can go now.
-            if self.activity.started.load(Ordering::Relaxed) == asked && !self.activity.in_request()
-            {
+            // A connection that never had a request has no answer to finish, only
+            // perhaps a head trickling in, which hyper would wait for: it goes now.
+            // One that had requests may still be writing the last answer, and hyper
+            // closes it once that is out (or at once, when idle).
+            if asked == 0 && activity.started.load(Ordering::Relaxed) == 0 {
                 return Finish::Now;
             }
             return Finish::AfterAnswer;
@@ -341,7 +352,7 @@ enum Finish {
     /// Keep-alive off: the request in flight is answered, then the connection
     /// closes; an idle one closes at once.
     AfterAnswer,
-    /// Closed without a word: idle, with at most a head half read.
+    /// Closed without a word: no request ever started on it, or asked twice.
     Now,
 }
 
@@ -369,15 +380,15 @@ impl Future for Served {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if !*this.asked_to_finish {
-            match this.place.finish(cx) {
-                Finish::No => {}
-                Finish::AfterAnswer => {
+        match this.place.finish(cx) {
+            Finish::No => {}
+            Finish::AfterAnswer => {
+                if !*this.asked_to_finish {
                     this.connection.as_mut().graceful_shutdown();
                     *this.asked_to_finish = true;
                 }
-                Finish::Now => return Poll::Ready(()),
             }
+            Finish::Now => return Poll::Ready(()),
         }
         match this.connection.poll(cx) {
             Poll::Pending => Poll::Pending,

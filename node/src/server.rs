@@ -40,8 +40,8 @@ pub async fn run(
         &secrets.admin_token,
         secrets.payment_secret,
         metrics_handle.clone(),
-        (config.body_stall_timeout_ms > 0)
-            .then(|| Duration::from_millis(config.body_stall_timeout_ms.into())),
+        (config.body_read_timeout_ms > 0)
+            .then(|| Duration::from_millis(config.body_read_timeout_ms.into())),
     );
 
     let listener = TcpListener::bind(config.http_addr)

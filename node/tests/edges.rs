@@ -238,12 +238,12 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 }
 
 /// A buyer whose client stops mid-body is answered 408 `request_timeout` once the
-/// body has stalled for the configured time, and meanwhile holds no order slot: with
-/// a bound of one, another buyer's order goes through while it stalls.
+/// body has not come in within the configured time, and meanwhile holds no order
+/// slot: with a bound of one, another buyer's order goes through while it stalls.
 #[tokio::test]
 async fn a_stalled_order_body_times_out_and_holds_no_slot() {
     let node = Node::start(&[
-        ("KEYDROP_BODY_STALL_TIMEOUT_MS", "1500"),
+        ("KEYDROP_BODY_READ_TIMEOUT_MS", "1500"),
         ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "1"),
         ("KEYDROP_ORDERS_IN_FLIGHT_MIN", "1"),
     ])
@@ -341,8 +341,24 @@ async fn idle_and_trickling_connections_are_closed_and_busy_ones_kept() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     };
-    let (silent, trickling, ()) = tokio::join!(silent, trickling, busy);
-    for (what, after) in [("silent", silent), ("trickling", trickling)] {
+    let used_then_idle = async {
+        let (mut read, mut write) = TcpStream::connect(&addr).await.unwrap().into_split();
+        write
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 4096];
+        let n = read.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        closed_after(&mut read).await
+    };
+    let (silent, trickling, used_then_idle, ()) =
+        tokio::join!(silent, trickling, used_then_idle, busy);
+    for (what, after) in [
+        ("silent", silent),
+        ("trickling", trickling),
+        ("used, then idle", used_then_idle),
+    ] {
         assert!(
             after >= Duration::from_millis(900) && after < Duration::from_secs(5),
             "{what} connection closed after {after:?}"
@@ -351,8 +367,45 @@ async fn idle_and_trickling_connections_are_closed_and_busy_ones_kept() {
     assert!(
         node.metric("keydrop_http_connections_closed_idle_total")
             .await
-            >= 2.0
+            >= 3.0
     );
+}
+
+/// A connection inside a request is not idle, however long the request takes: an
+/// order whose body comes in two parts 3.5 s apart, with no body time limit and an
+/// idle timeout of 1 s, is answered.
+#[tokio::test]
+async fn a_connection_inside_a_request_is_not_closed_as_idle() {
+    let node = Node::start(&[
+        ("KEYDROP_CONNECTION_IDLE_TIMEOUT_SECS", "1"),
+        ("KEYDROP_BODY_READ_TIMEOUT_MS", "0"),
+    ])
+    .await;
+    node.sku_with_cards("patient", on_sale(100, 1, 60), &cards("P", 1))
+        .await;
+    let host = node
+        .url
+        .strip_prefix("http://")
+        .expect("an http:// URL")
+        .to_owned();
+    let answer = raw_exchange(&node, move |mut w| async move {
+        let body = br#"{"user_id":"slow-but-sure"}"#;
+        let head = format!(
+            "POST /v1/skus/patient/orders HTTP/1.1\r\nHost: {host}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        w.write_all(head.as_bytes()).await?;
+        w.write_all(&body[..10]).await?;
+        // Past twice the idle timeout, when the sweep would close even a connection
+        // it had only asked to finish.
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        w.write_all(&body[10..]).await?;
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+    .await;
+    assert_eq!(answer.0, StatusCode::CREATED, "{answer:?}");
 }
 
 /// Status and JSON body of an HTTP/1.1 exchange written by hand on its own

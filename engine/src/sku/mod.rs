@@ -215,12 +215,13 @@ impl Sku {
         views
     }
 
-    /// When the next reservation falls due, so the owner knows when to wake up.
-    /// The latest time the SKU has decided anything at.
+    /// The SKU's time as of its latest event (a refusal records nothing, so it does
+    /// not move it).
     pub fn last_now(&self) -> Timestamp {
         self.last_now
     }
 
+    /// When the next reservation falls due, so the owner knows when to wake up.
     pub fn next_expiry(&self) -> Option<Timestamp> {
         self.expiry_queue.first_at()
     }

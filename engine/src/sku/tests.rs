@@ -415,6 +415,24 @@ fn a_clock_corrected_far_back_is_followed_and_replay_follows_it_too() {
     let (ahead, cmd) = reserve("early", None, None);
     run(&mut sku, cmd, T0 + HOUR_MS).unwrap();
     assert_eq!(sku.last_now(), Timestamp(T0 + HOUR_MS));
+    // Restarted from a snapshot taken while the clock was ahead, the SKU knows the
+    // time it had reached, and follows the corrected clock from there the same way.
+    let (_, snapshot) =
+        codec::decode_snapshot(&codec::encode_snapshot(1, sku.snapshot_ref())).unwrap();
+    let mut restored = Sku::from_snapshot(snapshot).unwrap();
+    assert_eq!(
+        restored.time_at(Timestamp(T0 + HOUR_MS - 1_000)),
+        Timestamp(T0 + HOUR_MS)
+    );
+    assert_eq!(
+        restored.time_at(Timestamp(T0 + 60_000)),
+        Timestamp(T0 + 60_000)
+    );
+    let (_, cmd) = reserve("after-restart", None, None);
+    match restored.handle(cmd, Timestamp(T0 + 60_000)).reply.unwrap() {
+        Reply::Reserved(view) => assert_eq!(view.expires_at, Timestamp(T0 + 60_000 + TTL_MS)),
+        other => panic!("{other:?}"),
+    }
     // Corrected: the next reservation falls due a TTL from the corrected time.
     let back = T0 + 60_000;
     assert_eq!(sku.time_at(Timestamp(back)), Timestamp(back));

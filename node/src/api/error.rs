@@ -48,9 +48,9 @@ pub enum ApiError {
         limit_bytes: usize,
     },
     UnsupportedMediaType(String),
-    /// The client stopped sending its request body (see `extract::LimitedBody`).
+    /// The request body did not come in time (see `extract::LimitedBody`).
     RequestTimeout {
-        stalled: Duration,
+        limit: Duration,
     },
     IdempotencyKeyReused,
     RateLimited(Rejected),
@@ -152,9 +152,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { limit_bytes } => {
                 format!("request body is over this route's limit of {limit_bytes} bytes")
             }
-            ApiError::RequestTimeout { stalled } => format!(
-                "no part of the request body arrived for {} ms; nothing was done",
-                stalled.as_millis()
+            ApiError::RequestTimeout { limit } => format!(
+                "the request body did not come in within {} ms (a card import: each part of it); nothing was done",
+                limit.as_millis()
             ),
             ApiError::IdempotencyKeyReused => {
                 "this Idempotency-Key was already used with a different request".into()
@@ -270,7 +270,7 @@ impl From<EngineError> for ApiError {
             // The storage error's text (paths, RocksDB's words) is for the operator,
             // and the journal writer logs it where it happens.
             EngineError::JournalUnavailable(_) => ApiError::Unavailable(
-                "the journal cannot be written right now; nothing was recorded".into(),
+                "the change could not be made durable; retry it (an order with the same Idempotency-Key)".into(),
             ),
             e if e.is_transient() => ApiError::Unavailable(e.to_string()),
             e @ EngineError::SkuExists => ApiError::Conflict(e.to_string()),

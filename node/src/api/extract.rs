@@ -24,16 +24,19 @@ use super::AppState;
 /// requests have axum's boxed [`Body`]; an order dispatched ahead of the router reads
 /// hyper's own body, unboxed.
 ///
-/// A client that stops sending mid-body is answered 408 `request_timeout` once no
-/// frame has come for `stall_max`: an order holds an order slot from its body on,
-/// and a crowd of stalled bodies must not hold the node's slots (or its memory)
-/// for as long as their connections stay open.
+/// With a `time_limit`, a body that does not come in time is answered 408
+/// `request_timeout`: read whole ([`read_body`]), all of it within the limit; read
+/// as it streams (a card import), each part within it. An order holds an order slot
+/// once its body is in and a connection inside a request is never closed as idle,
+/// so a client trickling a body must not keep its connection (and buffers) for good.
 pub struct LimitedBody<B = Body> {
     body: B,
     limit_bytes: usize,
     read_bytes: usize,
-    /// How long the next frame may keep the reader waiting; `None`: forever.
-    stall_max: Option<Duration>,
+    time_limit: Option<Duration>,
+    /// Reset after each part when streaming; kept across parts when read whole.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    whole: bool,
 }
 
 impl<B> LimitedBody<B>
@@ -41,12 +44,13 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    /// Refuses at once when the declared `Content-Length` is over the limit.
+    /// Refuses at once when the declared `Content-Length` is over the limit. Read as
+    /// it streams, each part within `time_limit`.
     pub fn new(
         headers: &HeaderMap,
         body: B,
         limit_bytes: usize,
-        stall_max: Option<Duration>,
+        time_limit: Option<Duration>,
     ) -> Result<Self, ApiError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
@@ -59,16 +63,24 @@ where
             body,
             limit_bytes,
             read_bytes: 0,
-            stall_max,
+            time_limit,
+            deadline: None,
+            whole: false,
         })
     }
 
     /// The next chunk of data, `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
-            let frame = match self.stall_max {
+            let frame = match self.time_limit {
                 None => poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await,
-                Some(stall_max) => next_frame_within(&mut self.body, stall_max).await?,
+                Some(limit) => {
+                    let frame = next_frame_by(&mut self.body, &mut self.deadline, limit).await?;
+                    if !self.whole {
+                        self.deadline = None;
+                    }
+                    frame
+                }
             };
             let Some(frame) = frame else { return Ok(None) };
             let frame =
@@ -87,8 +99,9 @@ where
         }
     }
 
-    /// The whole body, up to the limit.
+    /// The whole body, up to the limit, all of it within the time limit.
     pub async fn collect(mut self) -> Result<Bytes, ApiError> {
+        self.whole = true;
         let Some(first) = self.next_chunk().await? else {
             return Ok(Bytes::new());
         };
@@ -106,40 +119,41 @@ where
     }
 }
 
-/// The body's next frame, or 408 once it has kept the reader waiting `stall_max`.
-/// A body already buffered (nearly every order: it comes in the packet of its head)
-/// is taken without making a timer: the timer is boxed, made only once the body
-/// makes the reader wait, so the common case carries a pointer, not a `Sleep`.
-async fn next_frame_within<B: HttpBody + Unpin>(
+/// The body's next frame, or 408 once `deadline` (set to `limit` from now the first
+/// time the body makes the reader wait) has passed. A body already buffered (nearly
+/// every order: it comes in the packet of its head) is taken without making a timer:
+/// the timer is boxed and made only when needed, so the common case carries a
+/// pointer, not a `Sleep`.
+async fn next_frame_by<B: HttpBody + Unpin>(
     body: &mut B,
-    stall_max: Duration,
+    deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
 ) -> Result<Option<Result<Frame<B::Data>, B::Error>>, ApiError> {
-    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
             return Poll::Ready(Ok(frame));
         }
         deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall_max)))
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
             .as_mut()
             .poll(cx)
-            .map(|()| Err(ApiError::RequestTimeout { stalled: stall_max }))
+            .map(|()| Err(ApiError::RequestTimeout { limit }))
     })
     .await
 }
 
-/// Reads the whole body (up to `limit_bytes`, each frame within `stall_max`).
+/// Reads the whole body (up to `limit_bytes`, all of it within `time_limit`).
 pub async fn read_body<B>(
     headers: &HeaderMap,
     body: B,
     limit_bytes: usize,
-    stall_max: Option<Duration>,
+    time_limit: Option<Duration>,
 ) -> Result<Bytes, ApiError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    LimitedBody::new(headers, body, limit_bytes, stall_max)?
+    LimitedBody::new(headers, body, limit_bytes, time_limit)?
         .collect()
         .await
 }
@@ -313,32 +327,97 @@ mod tests {
         }
     }
 
+    /// A body that sends a frame every `every` (paused time), `frames` of them.
+    struct Trickling {
+        every: Duration,
+        frames: usize,
+        next: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl HttpBody for Trickling {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.frames == 0 {
+                return Poll::Ready(None);
+            }
+            let every = self.every;
+            let tick = self
+                .next
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+            std::task::ready!(tick.as_mut().poll(cx));
+            self.next = None;
+            self.frames -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_body_that_stops_coming_is_refused_after_the_stall_limit() {
-        let stall = Duration::from_millis(1_500);
+    async fn a_body_that_does_not_come_in_time_is_refused() {
+        let limit = Duration::from_millis(1_500);
         let started = tokio::time::Instant::now();
-        let silent = read_body(&HeaderMap::new(), Stalling(None), 100, Some(stall)).await;
+        let silent = read_body(&HeaderMap::new(), Stalling(None), 100, Some(limit)).await;
         assert!(matches!(
             silent,
-            Err(ApiError::RequestTimeout { stalled }) if stalled == stall
+            Err(ApiError::RequestTimeout { limit: l }) if l == limit
         ));
-        assert_eq!(started.elapsed(), stall);
-        // The limit is on the wait for each frame: one that came resets it.
+        assert_eq!(started.elapsed(), limit);
+        // Read whole, the limit is on all of it: a byte every second does not reset it.
         let started = tokio::time::Instant::now();
-        let partial = read_body(
+        let trickled = read_body(
             &HeaderMap::new(),
-            Stalling(Some(Bytes::from_static(b"{\"user"))),
+            Trickling {
+                every: Duration::from_secs(1),
+                frames: 10,
+                next: None,
+            },
             100,
-            Some(stall),
+            Some(limit),
         )
         .await;
-        assert!(matches!(partial, Err(ApiError::RequestTimeout { .. })));
-        assert_eq!(started.elapsed(), stall);
+        assert!(matches!(trickled, Err(ApiError::RequestTimeout { .. })));
+        assert_eq!(started.elapsed(), limit);
+        // Streamed (an import), the limit is on each part: the same body comes in.
+        let mut streamed = LimitedBody::new(
+            &HeaderMap::new(),
+            Trickling {
+                every: Duration::from_secs(1),
+                frames: 10,
+                next: None,
+            },
+            100,
+            Some(limit),
+        )
+        .unwrap();
+        let mut parts = 0;
+        while streamed.next_chunk().await.unwrap().is_some() {
+            parts += 1;
+        }
+        assert_eq!(parts, 10);
+        // A part that does not come in time ends the stream with 408 all the same.
+        let mut stalled = LimitedBody::new(
+            &HeaderMap::new(),
+            Stalling(Some(Bytes::from_static(b"serial,secret"))),
+            100,
+            Some(limit),
+        )
+        .unwrap();
+        assert!(stalled.next_chunk().await.unwrap().is_some());
+        assert!(matches!(
+            stalled.next_chunk().await,
+            Err(ApiError::RequestTimeout { .. })
+        ));
         // A body already in is read without any wait.
-        let whole = read_body(&HeaderMap::new(), body_of(&[b"{}"]), 100, Some(stall))
+        let started = tokio::time::Instant::now();
+        let whole = read_body(&HeaderMap::new(), body_of(&[b"{}"]), 100, Some(limit))
             .await
             .unwrap();
         assert_eq!(&whole[..], b"{}");
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[test]

@@ -58,9 +58,9 @@ pub struct Shared {
     pub callbacks_seen: crate::signature::ReplayGuard,
     pub metrics: PrometheusHandle,
     pub sku_gauges: SkuGauges,
-    /// How long a request body may keep its handler waiting for its next part
-    /// (`extract::LimitedBody`); `None`: forever.
-    pub body_stall_max: Option<std::time::Duration>,
+    /// How long a request body may take to come in (`extract::LimitedBody`);
+    /// `None`: forever.
+    pub body_time_limit: Option<std::time::Duration>,
 }
 
 impl Deref for AppState {
@@ -76,7 +76,7 @@ impl AppState {
         admin_token: &str,
         payment_secret: Vec<u8>,
         metrics: PrometheusHandle,
-        body_stall_max: Option<std::time::Duration>,
+        body_time_limit: Option<std::time::Duration>,
     ) -> Self {
         AppState(Arc::new(Shared {
             engine: OnceLock::new(),
@@ -90,7 +90,7 @@ impl AppState {
             ),
             metrics,
             sku_gauges: SkuGauges::default(),
-            body_stall_max,
+            body_time_limit,
         }))
     }
 

@@ -211,7 +211,7 @@ where
     let engine = state.engine()?;
     state.admission.check_ip(ip).map_err(rate_limited)?;
     let SkuPath(sku) = sku?;
-    let body = read_body(headers, body, ORDER_BODY_BYTES_MAX, state.body_stall_max).await?;
+    let body = read_body(headers, body, ORDER_BODY_BYTES_MAX, state.body_time_limit).await?;
     let user = parse_order_body(&body)?;
     let (device, key) = parse_order_headers(headers)?;
     if let Some(device) = &device {

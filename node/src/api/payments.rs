@@ -52,7 +52,13 @@ pub async fn confirm_payment(
     body: Body,
 ) -> Result<Json<PaidJson>, ApiError> {
     let engine = state.engine()?;
-    let body = read_body(&headers, body, PAYMENT_BODY_BYTES_MAX, state.body_stall_max).await?;
+    let body = read_body(
+        &headers,
+        body,
+        PAYMENT_BODY_BYTES_MAX,
+        state.body_time_limit,
+    )
+    .await?;
     let now_secs = i64::try_from(engine.now().as_millis() / 1000).unwrap_or(i64::MAX);
     let presented = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     let signed_at = match signature::verify(&state.payment_secret, presented, &body, now_secs) {

@@ -122,7 +122,7 @@ pub async fn put_sku(
     body: Body,
 ) -> Result<(StatusCode, Json<SkuJson>), ApiError> {
     let engine = state.engine()?;
-    let body = read_body(&headers, body, SKU_BODY_BYTES_MAX, state.body_stall_max).await?;
+    let body = read_body(&headers, body, SKU_BODY_BYTES_MAX, state.body_time_limit).await?;
     let def = parse_sku_body(&body)?;
     let (view, created) = engine.define_sku(sku, def).await?;
     let status = if created {
@@ -193,7 +193,7 @@ pub async fn import_cards(
         .and_then(|v| v.split(';').next())
         .map(|v| v.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let body = LimitedBody::new(&headers, body, IMPORT_BODY_BYTES_MAX, state.body_stall_max)?;
+    let body = LimitedBody::new(&headers, body, IMPORT_BODY_BYTES_MAX, state.body_time_limit)?;
     let total = match media_type.as_str() {
         "application/json" => import_json(engine, &sku, body).await?,
         "text/csv" => import_csv(engine, &sku, body).await?,
