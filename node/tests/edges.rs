@@ -250,18 +250,9 @@ async fn a_stalled_order_body_times_out_and_holds_no_slot() {
     .await;
     node.sku_with_cards("stalled", on_sale(100, 1, 60), &cards("S", 3))
         .await;
-    let host = node
-        .url
-        .strip_prefix("http://")
-        .expect("an http:// URL")
-        .to_owned();
+    let body = br#"{"user_id":"slow-buyer"}"#;
+    let head = order_head(&node, "stalled", body.len());
     let stalled = raw_exchange(&node, move |mut w| async move {
-        let body = br#"{"user_id":"slow-buyer"}"#;
-        let head = format!(
-            "POST /v1/skus/stalled/orders HTTP/1.1\r\nHost: {host}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
         w.write_all(head.as_bytes()).await?;
         w.write_all(&body[..10]).await?;
         w.flush().await?;
@@ -383,18 +374,9 @@ async fn a_connection_inside_a_request_is_not_closed_as_idle() {
     .await;
     node.sku_with_cards("patient", on_sale(100, 1, 60), &cards("P", 1))
         .await;
-    let host = node
-        .url
-        .strip_prefix("http://")
-        .expect("an http:// URL")
-        .to_owned();
+    let body = br#"{"user_id":"slow-but-sure"}"#;
+    let head = order_head(&node, "patient", body.len());
     let answer = raw_exchange(&node, move |mut w| async move {
-        let body = br#"{"user_id":"slow-but-sure"}"#;
-        let head = format!(
-            "POST /v1/skus/patient/orders HTTP/1.1\r\nHost: {host}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
         w.write_all(head.as_bytes()).await?;
         w.write_all(&body[..10]).await?;
         // Past twice the idle timeout, when the sweep would close even a connection
@@ -457,6 +439,15 @@ where
     .await;
     writer.abort();
     answer.unwrap_or_else(|_| panic!("no answer in {ANSWER_TIMEOUT:?}; log:\n{}", node.log()))
+}
+
+/// The head of an order of `body_len` bytes, written by hand.
+fn order_head(node: &Node, sku: &str, body_len: usize) -> String {
+    let host = node.url.strip_prefix("http://").expect("an http:// URL");
+    format!(
+        "POST /v1/skus/{sku}/orders HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n"
+    )
 }
 
 fn import_head(node: &Node, sku: &str, content_type: &str, framing: &str) -> String {

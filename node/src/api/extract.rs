@@ -309,32 +309,36 @@ mod tests {
             .is_empty());
     }
 
-    /// A body that sends `first` (if any), then nothing, ever.
-    struct Stalling(Option<Bytes>);
+    /// A body that sends its frames `every` apart (paused time), the first at once
+    /// when `every` is zero; then ends, or with `stall`, never sends again.
+    struct Scripted {
+        every: Duration,
+        frames: usize,
+        stall: bool,
+        next: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
 
-    impl HttpBody for Stalling {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
+    impl Scripted {
+        fn trickling(frames: usize) -> Self {
+            Scripted {
+                every: Duration::from_secs(1),
+                frames,
+                stall: false,
+                next: None,
+            }
+        }
 
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            match self.0.take() {
-                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                None => Poll::Pending,
+        fn stalling_after(frames: usize) -> Self {
+            Scripted {
+                every: Duration::ZERO,
+                frames,
+                stall: true,
+                next: None,
             }
         }
     }
 
-    /// A body that sends a frame every `every` (paused time), `frames` of them.
-    struct Trickling {
-        every: Duration,
-        frames: usize,
-        next: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
-
-    impl HttpBody for Trickling {
+    impl HttpBody for Scripted {
         type Data = Bytes;
         type Error = std::convert::Infallible;
 
@@ -343,14 +347,20 @@ mod tests {
             cx: &mut std::task::Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             if self.frames == 0 {
-                return Poll::Ready(None);
+                return if self.stall {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(None)
+                };
             }
-            let every = self.every;
-            let tick = self
-                .next
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
-            std::task::ready!(tick.as_mut().poll(cx));
-            self.next = None;
+            if !self.every.is_zero() {
+                let every = self.every;
+                let tick = self
+                    .next
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+                std::task::ready!(tick.as_mut().poll(cx));
+                self.next = None;
+            }
             self.frames -= 1;
             Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
         }
@@ -360,7 +370,13 @@ mod tests {
     async fn a_body_that_does_not_come_in_time_is_refused() {
         let limit = Duration::from_millis(1_500);
         let started = tokio::time::Instant::now();
-        let silent = read_body(&HeaderMap::new(), Stalling(None), 100, Some(limit)).await;
+        let silent = read_body(
+            &HeaderMap::new(),
+            Scripted::stalling_after(0),
+            100,
+            Some(limit),
+        )
+        .await;
         assert!(matches!(
             silent,
             Err(ApiError::RequestTimeout { limit: l }) if l == limit
@@ -368,31 +384,13 @@ mod tests {
         assert_eq!(started.elapsed(), limit);
         // Read whole, the limit is on all of it: a byte every second does not reset it.
         let started = tokio::time::Instant::now();
-        let trickled = read_body(
-            &HeaderMap::new(),
-            Trickling {
-                every: Duration::from_secs(1),
-                frames: 10,
-                next: None,
-            },
-            100,
-            Some(limit),
-        )
-        .await;
+        let trickled =
+            read_body(&HeaderMap::new(), Scripted::trickling(10), 100, Some(limit)).await;
         assert!(matches!(trickled, Err(ApiError::RequestTimeout { .. })));
         assert_eq!(started.elapsed(), limit);
         // Streamed (an import), the limit is on each part: the same body comes in.
-        let mut streamed = LimitedBody::new(
-            &HeaderMap::new(),
-            Trickling {
-                every: Duration::from_secs(1),
-                frames: 10,
-                next: None,
-            },
-            100,
-            Some(limit),
-        )
-        .unwrap();
+        let mut streamed =
+            LimitedBody::new(&HeaderMap::new(), Scripted::trickling(10), 100, Some(limit)).unwrap();
         let mut parts = 0;
         while streamed.next_chunk().await.unwrap().is_some() {
             parts += 1;
@@ -401,7 +399,7 @@ mod tests {
         // A part that does not come in time ends the stream with 408 all the same.
         let mut stalled = LimitedBody::new(
             &HeaderMap::new(),
-            Stalling(Some(Bytes::from_static(b"serial,secret"))),
+            Scripted::stalling_after(1),
             100,
             Some(limit),
         )
