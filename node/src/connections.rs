@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 
 use axum::response::Response;
 use hyper::body::Incoming;
-use hyper::Request;
-
 use hyper::server::conn::http1;
+use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
