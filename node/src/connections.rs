@@ -136,32 +136,19 @@ struct Handed {
 }
 
 /// What one connection has done, counted by its service and read by the sweep.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Activity {
     /// Requests whose head was read and handed to the API.
     started: AtomicU64,
     /// Of those, the ones whose answer is made.
     finished: AtomicU64,
-    /// Set by the sweep to `started` as it saw it: the connection is to close,
-    /// after the answer it may still be writing. `u64::MAX`: not asked.
-    close_if_started: AtomicU64,
+    /// Set by the sweep: the connection is to close, after the answer it may still
+    /// be writing.
+    close_asked: AtomicBool,
     /// Set by the sweep a second idle period after asking: close now, whatever hyper
     /// is doing (a head it waits to complete, an answer nobody reads).
     close_now: AtomicBool,
 }
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            started: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            close_if_started: AtomicU64::new(NOT_ASKED),
-            close_now: AtomicBool::new(false),
-        }
-    }
-}
-
-const NOT_ASKED: u64 = u64::MAX;
 
 impl Activity {
     fn in_request(&self) -> bool {
@@ -234,9 +221,7 @@ async fn sweep_idle(drain: Arc<Drain>, idle_timeout: Duration, mut stop: watch::
             }
             let idle_for = now.duration_since(*handed.idle_since.get_or_insert(now));
             let activity = &handed.activity;
-            if idle_for >= idle_timeout
-                && activity.close_if_started.swap(started, Ordering::Relaxed) == NOT_ASKED
-            {
+            if idle_for >= idle_timeout && !activity.close_asked.swap(true, Ordering::Relaxed) {
                 handed.waker.wake_by_ref();
                 closed += 1;
             } else if idle_for >= 2 * idle_timeout
@@ -327,13 +312,12 @@ impl Open {
         if activity.close_now.load(Ordering::Relaxed) {
             return Finish::Now;
         }
-        let asked = activity.close_if_started.load(Ordering::Relaxed);
-        if asked != NOT_ASKED {
+        if activity.close_asked.load(Ordering::Relaxed) {
             // A connection that never had a request has no answer to finish, only
             // perhaps a head trickling in, which hyper would wait for: it goes now.
             // One that had requests may still be writing the last answer, and hyper
             // closes it once that is out (or at once, when idle).
-            if asked == 0 && activity.started.load(Ordering::Relaxed) == 0 {
+            if activity.started.load(Ordering::Relaxed) == 0 {
                 return Finish::Now;
             }
             return Finish::AfterAnswer;

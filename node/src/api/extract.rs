@@ -72,16 +72,10 @@ where
     /// The next chunk of data, `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
-            let frame = match self.time_limit {
-                None => poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await,
-                Some(limit) => {
-                    let frame = next_frame_by(&mut self.body, &mut self.deadline, limit).await?;
-                    if !self.whole {
-                        self.deadline = None;
-                    }
-                    frame
-                }
-            };
+            let frame = next_frame_by(&mut self.body, &mut self.deadline, self.time_limit).await?;
+            if !self.whole {
+                self.deadline = None;
+            }
             let Some(frame) = frame else { return Ok(None) };
             let frame =
                 frame.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
@@ -119,20 +113,23 @@ where
     }
 }
 
-/// The body's next frame, or 408 once `deadline` (set to `limit` from now the first
-/// time the body makes the reader wait) has passed. A body already buffered (nearly
-/// every order: it comes in the packet of its head) is taken without making a timer:
-/// the timer is boxed and made only when needed, so the common case carries a
-/// pointer, not a `Sleep`.
+/// The body's next frame, or, with a `limit`, 408 once `deadline` (set to `limit`
+/// from now the first time the body makes the reader wait) has passed. A body
+/// already buffered (nearly every order: it comes in the packet of its head) is taken
+/// without making a timer: the timer is boxed and made only when needed, so the
+/// common case carries a pointer, not a `Sleep`.
 async fn next_frame_by<B: HttpBody + Unpin>(
     body: &mut B,
     deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>,
-    limit: Duration,
+    limit: Option<Duration>,
 ) -> Result<Option<Result<Frame<B::Data>, B::Error>>, ApiError> {
     poll_fn(|cx| {
         if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
             return Poll::Ready(Ok(frame));
         }
+        let Some(limit) = limit else {
+            return Poll::Pending;
+        };
         deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
             .as_mut()
