@@ -1,5 +1,6 @@
 //! State machine tests: a table of scenarios, then random command sequences against a
-//! small reference model (proptest), with snapshots and journal replay thrown in.
+//! small reference model (proptest), with snapshots, journal replay and a wall clock
+//! that steps back thrown in.
 
 use std::collections::HashMap;
 
@@ -538,6 +539,9 @@ enum Op {
     },
     PayUnknown,
     Advance(u64),
+    /// The wall clock set back by this much: held by the SKU up to
+    /// `CLOCK_STEP_BACK_HELD_MS`, followed past it.
+    StepBack(u64),
     ExpireDue,
     /// Prune orders ended at least this long ago.
     Prune(u64),
@@ -553,6 +557,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..64).prop_map(|order| Op::Cancel { order }),
         1 => Just(Op::PayUnknown),
         2 => prop_oneof![Just(1u64), Just(TTL_MS / 2), Just(TTL_MS), Just(3 * TTL_MS)].prop_map(Op::Advance),
+        1 => prop_oneof![
+            Just(1u64),
+            Just(TTL_MS),
+            Just(CLOCK_STEP_BACK_HELD_MS),
+            Just(CLOCK_STEP_BACK_HELD_MS + 1),
+            Just(CLOCK_STEP_BACK_HELD_MS + 2 * TTL_MS),
+        ].prop_map(Op::StepBack),
         1 => Just(Op::ExpireDue),
         1 => prop_oneof![Just(0u64), Just(TTL_MS), Just(3 * TTL_MS)].prop_map(Op::Prune),
         1 => Just(Op::Restart),
@@ -587,10 +598,26 @@ struct Model {
     available: u64,
     orders: Vec<MOrder>,
     keys: HashMap<u8, (u8, usize)>,
+    /// The wall clock the machine is handed.
+    wall: u64,
+    /// The latest time the SKU has recorded (an event's time).
+    last: u64,
+    /// The SKU's time for the operation under way.
     now: u64,
 }
 
 impl Model {
+    /// The clock rule, stated plainly: a step back of up to
+    /// `CLOCK_STEP_BACK_HELD_MS` is held at the latest time seen; a longer one is
+    /// a corrected clock, followed.
+    fn sku_time(&self) -> u64 {
+        if self.last - self.wall.min(self.last) > CLOCK_STEP_BACK_HELD_MS {
+            self.wall
+        } else {
+            self.wall.max(self.last)
+        }
+    }
+
     fn live(&self, pred: impl Fn(&MOrder) -> bool) -> u32 {
         self.orders
             .iter()
@@ -630,11 +657,15 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let (mut sku, first) = Sku::create(sku_id(), def.clone(), Timestamp(T0)).unwrap();
     let mut log: Vec<Event> = vec![first];
     let mut model = Model {
+        wall: T0,
+        last: T0,
         now: T0,
         ..Model::default()
     };
     for op in ops {
-        let now = Timestamp(model.now);
+        model.now = model.sku_time();
+        let now = Timestamp(model.wall);
+        let logged = log.len();
         match op {
             Op::Import(serials) => {
                 let names: Vec<String> = serials.iter().map(|s| format!("S{s}")).collect();
@@ -673,6 +704,14 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         } else {
                             Err(SkuError::IdempotencyKeyReused)
                         }
+                    } else if Some(Timestamp(model.now)) < def.starts_at {
+                        Err(SkuError::NotOnSale {
+                            status: SkuStatus::Scheduled,
+                        })
+                    } else if def.ends_at.is_some_and(|ends| Timestamp(model.now) >= ends) {
+                        Err(SkuError::NotOnSale {
+                            status: SkuStatus::Ended,
+                        })
                     } else if model.available == 0 {
                         Err(SkuError::SoldOut)
                     } else if model.live(|o| o.user == user) >= def.per_user_limit {
@@ -816,7 +855,8 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(decision.reply.unwrap_err(), SkuError::OrderNotFound);
                 prop_assert!(decision.events.is_empty());
             }
-            Op::Advance(ms) => model.now += ms,
+            Op::Advance(ms) => model.wall += ms,
+            Op::StepBack(ms) => model.wall -= ms,
             Op::ExpireDue => {
                 let decision = sku.handle(Command::ExpireDue, now);
                 let mut expected = 0;
@@ -888,6 +928,12 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 sku = from_snapshot;
             }
         }
+        // Every event carries the SKU's time and records it; a command refused
+        // without an event leaves the SKU's time where it was.
+        if log.len() > logged {
+            model.last = model.now;
+        }
+        prop_assert_eq!(sku.last_now(), Timestamp(model.last));
         prop_assert_eq!(sku.counts(), model.counts());
         sku.check_invariants().map_err(TestCaseError::fail)?;
     }
