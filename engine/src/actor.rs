@@ -469,6 +469,18 @@ impl SkuActorState {
             }
         }
         let decision = self.sku.handle(command, now);
+        if let Some((order_id, refused)) = &decision.unrecorded_refusal {
+            // Each callback, retries included: nothing on the order tells them apart.
+            metrics::counter!("keydrop_refused_payments_unrecorded_total").increment(1);
+            tracing::error!(
+                sku = %self.sku.id(),
+                order = %order_id,
+                payment_ref = %refused.payment_ref,
+                amount_cents = refused.amount_cents,
+                reason = refused.reason.as_str(),
+                "payment refused and not recorded: the order holds the most refused payments it keeps; refund it from the provider's records"
+            );
+        }
         if let (Some((key, fingerprint)), Err(refusal)) = (keyed, &decision.reply) {
             self.keyed_refusals.remember(key, fingerprint, refusal, now);
         }

@@ -42,8 +42,9 @@ pub const KEYED_REFUSAL_KEPT_MS: u64 = 60 * 60 * 1000;
 /// Keyed refusals held per SKU, about 200 bytes each: past this the oldest go.
 pub const KEYED_REFUSALS_PER_SKU_MAX: usize = 50_000;
 
-/// Refused payments kept on one order; past this a payment is still refused (and
-/// the node logs a late one), but the order stops growing.
+/// Refused payments kept on one order; past this a payment is still refused but not
+/// recorded, so the order stops growing: the decision hands it back, and the actor
+/// counts it (`keydrop_refused_payments_unrecorded_total`) and logs it for refund.
 pub const REFUSED_PAYMENTS_PER_ORDER_MAX: usize = 64;
 
 /// How far the wall clock may step back behind a SKU's latest time and still be

@@ -35,6 +35,7 @@ pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
 pub const ADMISSION_BUCKETS: &str = "keydrop_admission_buckets";
 pub const PAYMENTS: &str = "keydrop_payments_total";
 pub const LATE_PAYMENTS: &str = "keydrop_late_payments_total";
+pub const REFUSED_PAYMENTS_UNRECORDED: &str = "keydrop_refused_payments_unrecorded_total";
 pub const CARDS_IMPORTED: &str = "keydrop_cards_imported_total";
 pub const SKU_CARDS: &str = "keydrop_sku_cards";
 pub const SKU_LOW_STOCK: &str = "keydrop_sku_low_stock";
@@ -141,6 +142,7 @@ pub fn install() -> Result<PrometheusHandle> {
     for counter in [
         ORDERS_SHED,
         LATE_PAYMENTS,
+        REFUSED_PAYMENTS_UNRECORDED,
         CARDS_IMPORTED,
         "keydrop_journal_write_failures_total",
         "keydrop_reservations_expired_total",
@@ -240,6 +242,10 @@ fn describe() {
     describe_counter!(
         LATE_PAYMENTS,
         "Late payments recorded for refund: callbacks refused because the reservation had expired or was cancelled, once per payment_ref (a provider's retries are not counted again)."
+    );
+    describe_counter!(
+        REFUSED_PAYMENTS_UNRECORDED,
+        "Payment callbacks refused on an order that already holds the 64 refused payments it keeps, so not recorded on it (each logged at error level with its payment_ref and amount; retries counted again): refund them from the provider's records."
     );
     describe_counter!(CARDS_IMPORTED, "Cards imported through the admin API.");
     describe_gauge!(

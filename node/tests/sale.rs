@@ -275,6 +275,61 @@ async fn payment_after_expiry_is_refused_and_the_card_returns() {
     );
 }
 
+/// An order keeps 64 refused payments. One past them is refused all the same, not
+/// recorded, and left where an operator finds it: a counter, an alert and an
+/// error-level log line with its reference and amount.
+#[tokio::test]
+async fn payments_past_what_an_order_keeps_are_refused_and_reported() {
+    let node = Node::start(&[]).await;
+    node.sku_with_cards("churn", on_sale(250, 1, 1), &cards("c", 1))
+        .await;
+    let (status, order) = node.reserve("churn", "slowpoke").await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    eventually(
+        "the reservation to expire",
+        Duration::from_secs(30),
+        || async {
+            let (_, view) = node.get("/v1/skus/churn").await;
+            (view["available"] == 1).then_some(())
+        },
+    )
+    .await;
+    for n in 0..64 {
+        let (status, body) = node.pay(&id, &format!("late-{n}"), 250).await;
+        assert_eq!(status, StatusCode::CONFLICT, "payment {n}: {body}");
+    }
+    assert_eq!(node.metric("keydrop_late_payments_total").await, 64.0);
+    assert_eq!(
+        node.metric("keydrop_refused_payments_unrecorded_total")
+            .await,
+        0.0
+    );
+
+    let (status, body) = node.pay(&id, "one-too-many", 250).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("reservation_expired")),
+        "{body}"
+    );
+    assert_eq!(node.metric("keydrop_late_payments_total").await, 64.0);
+    assert_eq!(
+        node.metric("keydrop_refused_payments_unrecorded_total")
+            .await,
+        1.0
+    );
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("not recorded") && line.contains("one-too-many"))
+        .unwrap_or_else(|| panic!("no log line for the unrecorded payment:\n{log}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&id), "{line}");
+    assert!(line.contains("amount_cents=250"), "{line}");
+    let (_, order) = node.get(&format!("/v1/orders/{id}")).await;
+    assert_eq!(order["status"], "expired", "{order}");
+}
+
 #[tokio::test]
 async fn sigterm_exits_zero_and_a_restart_keeps_everything() {
     let mut node = Node::start(&[]).await;

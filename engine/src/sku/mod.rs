@@ -55,6 +55,10 @@ pub type CardIndex = u32;
 pub struct Decision {
     pub events: Vec<Event>,
     pub reply: Result<Reply, SkuError>,
+    /// A payment refused on an order that already holds
+    /// `REFUSED_PAYMENTS_PER_ORDER_MAX` refused ones, so not recorded on it: money
+    /// the operator must find in the provider's records to refund.
+    pub unrecorded_refusal: Option<(OrderId, RefusedPayment)>,
 }
 
 impl Decision {
@@ -62,6 +66,7 @@ impl Decision {
         Decision {
             events,
             reply: Ok(reply),
+            unrecorded_refusal: None,
         }
     }
 
@@ -69,6 +74,7 @@ impl Decision {
         Decision {
             events: Vec::new(),
             reply: Err(error),
+            unrecorded_refusal: None,
         }
     }
 }
@@ -421,10 +427,7 @@ impl Sku {
         let order_id = request.order_id;
         self.apply(&event);
         let view = self.order_view(&self.orders[&order_id], false);
-        Decision {
-            events: vec![event],
-            reply: Ok(Reply::Reserved(view)),
-        }
+        Decision::reply(Reply::Reserved(view), vec![event])
     }
 
     fn decide_payment(
@@ -483,6 +486,7 @@ impl Sku {
             }
         };
         let error = reason.to_error(order);
+        let mut unrecorded_refusal = None;
         if order.refused_payments.len() < REFUSED_PAYMENTS_PER_ORDER_MAX {
             events.push(Event::PaymentRefused {
                 order_id,
@@ -491,6 +495,16 @@ impl Sku {
                 reason,
                 at: now,
             });
+        } else {
+            unrecorded_refusal = Some((
+                order_id,
+                RefusedPayment {
+                    payment_ref,
+                    amount_cents,
+                    reason,
+                    at: now,
+                },
+            ));
         }
         for event in &events {
             self.apply(event);
@@ -498,6 +512,7 @@ impl Sku {
         Decision {
             events,
             reply: Err(error),
+            unrecorded_refusal,
         }
     }
 
@@ -520,6 +535,7 @@ impl Sku {
                 Decision {
                     events: vec![event],
                     reply: Err(SkuError::ReservationExpired),
+                    unrecorded_refusal: None,
                 }
             }
             OrderStatus::Reserved => {

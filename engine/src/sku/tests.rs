@@ -269,6 +269,39 @@ fn scenario_expiry_returns_card_and_late_payment_is_recorded() {
         .is_empty());
 }
 
+/// An order keeps a bounded list of refused payments. Past it a payment is still
+/// refused, and the decision names it so the money is not lost from sight.
+#[test]
+fn refused_payments_past_the_bound_are_refused_and_handed_back_unrecorded() {
+    let mut sku = new_sku();
+    sku.handle(cards(&["A"]), Timestamp(T0));
+    let (id, cmd) = reserve("u", None, None);
+    sku.handle(cmd, Timestamp(T0));
+    sku.handle(Command::ExpireDue, Timestamp(T0 + TTL_MS));
+    let at = Timestamp(T0 + TTL_MS + 1);
+    for n in 0..REFUSED_PAYMENTS_PER_ORDER_MAX {
+        let late = sku.handle(pay(id, &format!("p{n}"), 10_000), at);
+        assert_eq!(late.events.len(), 1, "payment {n} is recorded");
+        assert!(late.unrecorded_refusal.is_none());
+    }
+    let over = sku.handle(pay(id, "one-too-many", 10_001), at);
+    assert_eq!(over.reply.unwrap_err(), SkuError::ReservationExpired);
+    assert!(over.events.is_empty());
+    let (order_id, refused) = over.unrecorded_refusal.expect("handed back");
+    assert_eq!(order_id, id);
+    assert_eq!(refused.payment_ref.as_str(), "one-too-many");
+    assert_eq!(refused.amount_cents, 10_001);
+    assert_eq!(refused.reason, RefusalReason::Expired);
+    assert_eq!(
+        sku.order(&id).unwrap().refused_payments.len(),
+        REFUSED_PAYMENTS_PER_ORDER_MAX
+    );
+    // A recorded one, called back again, gets its answer and is not handed back.
+    let again = sku.handle(pay(id, "p0", 10_000), at);
+    assert_eq!(again.reply.unwrap_err(), SkuError::ReservationExpired);
+    assert!(again.unrecorded_refusal.is_none());
+}
+
 /// More orders due in one millisecond than one expiry pass takes, and then more ended
 /// in one millisecond than one prune pass takes: each pass takes its batch from the
 /// front, the next one the rest, and every card and index stays consistent.
