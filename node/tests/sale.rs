@@ -212,26 +212,32 @@ async fn sigkill_during_a_sale_loses_no_acknowledged_order() {
     assert_eq!(view["available"].as_u64().unwrap() + held, 3_000, "{view}");
 }
 
+/// Reserves the only card of `sku` (a 1 s reservation) and waits for the expiry
+/// ticker to return it to stock; gives the order id.
+async fn reserve_and_let_expire(node: &Node, sku: &str) -> String {
+    let (status, order) = node.reserve(sku, "slowpoke").await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/skus/{sku}");
+    assert_eq!(node.get(&path).await.1["available"], 0);
+    eventually(
+        "the reservation to expire",
+        Duration::from_secs(30),
+        || async {
+            let (_, view) = node.get(&path).await;
+            (view["available"] == 1).then_some(())
+        },
+    )
+    .await;
+    id
+}
+
 #[tokio::test]
 async fn payment_after_expiry_is_refused_and_the_card_returns() {
     let node = Node::start(&[]).await;
     node.sku_with_cards("fast", on_sale(250, 1, 1), &cards("e", 1))
         .await;
-    let (status, order) = node.reserve("fast", "slowpoke").await;
-    assert_eq!(status, StatusCode::CREATED, "{order}");
-    let id = order["order_id"].as_str().unwrap().to_owned();
-    assert_eq!(node.get("/v1/skus/fast").await.1["available"], 0);
-
-    // The expiry ticker returns the card to stock once the 1 s reservation is due.
-    eventually(
-        "the reservation to expire",
-        Duration::from_secs(30),
-        || async {
-            let (_, view) = node.get("/v1/skus/fast").await;
-            (view["available"] == 1).then_some(())
-        },
-    )
-    .await;
+    let id = reserve_and_let_expire(&node, "fast").await;
     let (status, body) = node.pay(&id, "late-pay", 250).await;
     assert_eq!(
         (status, body["error"].as_str()),
@@ -283,18 +289,7 @@ async fn payments_past_what_an_order_keeps_are_refused_and_reported() {
     let node = Node::start(&[]).await;
     node.sku_with_cards("churn", on_sale(250, 1, 1), &cards("c", 1))
         .await;
-    let (status, order) = node.reserve("churn", "slowpoke").await;
-    assert_eq!(status, StatusCode::CREATED, "{order}");
-    let id = order["order_id"].as_str().unwrap().to_owned();
-    eventually(
-        "the reservation to expire",
-        Duration::from_secs(30),
-        || async {
-            let (_, view) = node.get("/v1/skus/churn").await;
-            (view["available"] == 1).then_some(())
-        },
-    )
-    .await;
+    let id = reserve_and_let_expire(&node, "churn").await;
     for n in 0..64 {
         let (status, body) = node.pay(&id, &format!("late-{n}"), 250).await;
         assert_eq!(status, StatusCode::CONFLICT, "payment {n}: {body}");
