@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{assert_error, cards, on_sale, sign, unix_now, Node};
+use common::{assert_error, cards, eventually, on_sale, retry_after_secs, sign, unix_now, Node};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -487,14 +488,20 @@ async fn orders_payments_and_cancellation() {
         assert_eq!(answer.0, StatusCode::CREATED, "{}", answer.1);
         answer.1["order_id"].as_str().unwrap().to_owned()
     };
-    let paid = order_id(node.reserve("s1", "u1").await);
+    let reserved = node.reserve("s1", "u1").await;
+    let expires_at = reserved.1["expires_at"].clone();
+    let paid = order_id(reserved);
     let cancelled = order_id(node.reserve("s1", "u1").await);
 
-    // Lookup: no card until paid; unknown and malformed ids are 404.
-    let (status, view) = node.get(&format!("/v1/orders/{paid}")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(view["status"], "reserved");
-    assert!(view.get("card").is_none(), "{view}");
+    // Lookup: the order as reserved, no card until paid; unknown and malformed ids
+    // are 404.
+    assert_eq!(
+        node.get(&format!("/v1/orders/{paid}")).await,
+        (
+            StatusCode::OK,
+            json!({"order_id": paid, "sku": "s1", "status": "reserved", "expires_at": expires_at})
+        )
+    );
     for id in [
         "0123456789abcdef0123456789abcdef",
         "xyz",
@@ -553,11 +560,12 @@ async fn orders_payments_and_cancellation() {
         StatusCode::BAD_REQUEST,
         "amount_mismatch",
     );
+    let first_payment = node.pay(&paid, "pay-1", 700).await;
     assert_eq!(
-        node.pay(&paid, "pay-1", 700).await,
+        first_payment,
         (StatusCode::OK, json!({"order_id": paid, "status": "paid"}))
     );
-    assert_eq!(node.pay(&paid, "pay-1", 700).await.0, StatusCode::OK);
+    assert_eq!(node.pay(&paid, "pay-1", 700).await, first_payment);
     assert_error(
         &node.pay(&paid, "pay-2", 700).await,
         StatusCode::CONFLICT,
@@ -584,10 +592,22 @@ async fn orders_payments_and_cancellation() {
         StatusCode::NOT_FOUND,
         "order_not_found",
     );
+    let (status, view) = node.get(&format!("/v1/orders/{cancelled}")).await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{view}"
+    );
+    assert!(view.get("card").is_none(), "{view}");
+    let late_before = node.metric("keydrop_late_payments_total").await;
     assert_error(
         &node.pay(&cancelled, "pay-3", 700).await,
         StatusCode::CONFLICT,
         "reservation_expired",
+    );
+    assert_eq!(
+        node.metric("keydrop_late_payments_total").await,
+        late_before + 1.0
     );
     assert_eq!(node.get("/v1/skus/s1").await.1["available"], 3);
 
@@ -651,11 +671,11 @@ async fn token_buckets_answer_429_with_retry_after() {
     assert_eq!(body["error"], "rate_limited");
     // Per IP: lookups count too, so order ids cannot be guessed at speed. Two
     // orders spent two of the four tokens.
-    let lookups = lookups_until_throttled(&node, 10).await;
-    assert!(
-        lookups.contains(&StatusCode::TOO_MANY_REQUESTS),
-        "{lookups:?}"
-    );
+    let (lookups, throttled) = lookups_until_throttled(&node, 10).await;
+    let throttled = throttled.unwrap_or_else(|| panic!("never throttled: {lookups:?}"));
+    assert_error(&throttled.0, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry_after = retry_after_secs(&throttled);
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
     assert!(
         node.metric("keydrop_admission_rejected_total{scope=\"user\"}")
             .await
@@ -668,16 +688,193 @@ async fn token_buckets_answer_429_with_retry_after() {
     );
 }
 
-async fn lookups_until_throttled(node: &Node, n: usize) -> Vec<StatusCode> {
+/// Looks an unknown order up until the per-IP bucket refuses, at most `n` times:
+/// the statuses, and the refusal with its headers.
+async fn lookups_until_throttled(
+    node: &Node,
+    n: usize,
+) -> (
+    Vec<StatusCode>,
+    Option<((StatusCode, Value), reqwest::header::HeaderMap)>,
+) {
     let mut statuses = Vec::new();
     for _ in 0..n {
-        let (status, _) = node
-            .get("/v1/orders/0123456789abcdef0123456789abcdef")
+        let answer = node
+            .send_with_headers(
+                node.http
+                    .get(node.at("/v1/orders/0123456789abcdef0123456789abcdef")),
+            )
             .await;
-        statuses.push(status);
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            break;
+        statuses.push(answer.0 .0);
+        if answer.0 .0 == StatusCode::TOO_MANY_REQUESTS {
+            return (statuses, Some(answer));
         }
     }
-    statuses
+    (statuses, None)
+}
+
+/// With the default buckets (5 orders a second per user, a burst of 5), a buyer who
+/// sends twelve orders at once gets five, plus one per 200 ms the burst took, and is
+/// told to wait for the rest, even with the purchase limit and the stock to spare.
+#[tokio::test]
+async fn the_default_per_user_bucket_admits_a_burst_of_five() {
+    let node = Arc::new(Node::start(&[]).await);
+    node.sku_with_cards("burst", on_sale(100, 20, 600), &cards("b", 20))
+        .await;
+    const ORDERS: usize = 12;
+    let started = std::time::Instant::now();
+    let orders: Vec<_> = (0..ORDERS)
+        .map(|_| {
+            let node = Arc::clone(&node);
+            tokio::spawn(async move {
+                node.send_with_headers(
+                    node.http
+                        .post(node.at("/v1/skus/burst/orders"))
+                        .json(&json!({"user_id": "eager"})),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    let mut throttled = Vec::new();
+    for order in orders {
+        let answer = order.await.expect("order task");
+        if answer.0 .0 == StatusCode::CREATED {
+            created += 1;
+        } else {
+            throttled.push(answer);
+        }
+    }
+    // The bucket starts full (5) and refills 5 a second: however slow the machine,
+    // no more than that got through, and in under a second some were refused.
+    let elapsed = started.elapsed().as_secs_f64();
+    let most = 5 + (5.0 * elapsed).ceil() as usize;
+    assert!(
+        (5..=most).contains(&created),
+        "{created} created in {elapsed:.2} s: {throttled:?}"
+    );
+    if elapsed < 1.0 {
+        assert!(
+            !throttled.is_empty(),
+            "all {ORDERS} admitted in {elapsed:.2} s"
+        );
+    }
+    for answer in &throttled {
+        assert_error(&answer.0, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        let retry_after = retry_after_secs(answer);
+        assert!((1..=2).contains(&retry_after), "{retry_after}");
+    }
+    let created = created as u64;
+    assert_eq!(node.stock("burst").await, (20 - created, created, 0));
+}
+
+/// Orders without an Idempotency-Key for a sold-out SKU are refused at the edge; once
+/// a reserved card returns to stock (a cancellation), the edge lets a new buyer
+/// through again.
+#[tokio::test]
+async fn shedding_a_sold_out_sku_ends_when_a_card_returns() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0"), ("KEYDROP_RATE_PER_USER", "0")]).await;
+    node.sku_with_cards("last", on_sale(100, 1, 600), &cards("l", 2))
+        .await;
+    let (status, first) = node.reserve("last", "u1").await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, second) = node.reserve("last", "u2").await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    let shed_before = node.metric("keydrop_orders_shed_total").await;
+    assert_error(
+        &node.reserve("last", "u3").await,
+        StatusCode::CONFLICT,
+        "sold_out",
+    );
+    assert_eq!(
+        node.metric("keydrop_orders_shed_total").await,
+        shed_before + 1.0,
+        "the sold-out order was not refused at the edge"
+    );
+
+    let id = first["order_id"].as_str().unwrap();
+    assert_eq!(
+        node.send(node.http.delete(node.at(&format!("/v1/orders/{id}"))))
+            .await,
+        (StatusCode::OK, json!({"status": "cancelled"}))
+    );
+    let order = eventually(
+        "an order to be taken after the cancellation",
+        Duration::from_secs(10),
+        || async {
+            let answer = node.reserve("last", "u4").await;
+            match answer.0 {
+                StatusCode::CREATED => Some(answer.1),
+                StatusCode::CONFLICT if answer.1["error"] == "sold_out" => None,
+                _ => panic!("{answer:?}"),
+            }
+        },
+    )
+    .await;
+    assert_eq!(order["status"], "reserved", "{order}");
+    assert_eq!(node.stock("last").await, (0, 2, 0));
+}
+
+/// The limits are inclusive and counted in bytes: a user id of 128 bytes (64 two-byte
+/// characters) is taken and one of 129 refused; an order body of exactly 16 KiB is
+/// taken and one byte more is 413; a payment signed 299 s ahead of the node's clock is
+/// within the 300 s window.
+#[tokio::test]
+async fn limits_are_inclusive_and_counted_in_bytes() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.sku_with_cards("edge", on_sale(300, 1, 600), &cards("e", 5))
+        .await;
+
+    let longest_user = "é".repeat(64);
+    assert_eq!(longest_user.len(), 128);
+    let (status, order) = node.reserve("edge", &longest_user).await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let too_long_user = format!("{}a", "é".repeat(64));
+    assert_eq!(too_long_user.len(), 129);
+    assert_error(
+        &node.reserve("edge", &too_long_user).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+
+    let body_of = |user: &str, len: usize| {
+        let head = format!("{{\"user_id\":\"{user}\",\"pad\":\"");
+        let tail = "\"}";
+        let body = format!("{head}{}{tail}", "p".repeat(len - head.len() - tail.len()));
+        assert_eq!(body.len(), len);
+        body
+    };
+    let order_of = |body: String| {
+        node.send(
+            node.http
+                .post(node.at("/v1/skus/edge/orders"))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+    };
+    let (status, largest) = order_of(body_of("largest", 16 * 1024)).await;
+    assert_eq!(status, StatusCode::CREATED, "{largest}");
+    assert_error(
+        &order_of(body_of("too-large", 16 * 1024 + 1)).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+
+    let id = largest["order_id"].as_str().unwrap();
+    let body = json!({"payment_ref": "ahead", "amount_cents": 300}).to_string();
+    let signature = sign(node.payment_secret().as_bytes(), unix_now() + 299, &body);
+    let answer = node
+        .send(
+            node.http
+                .post(node.at(&format!("/v1/orders/{id}/payment")))
+                .header("x-keydrop-signature", signature)
+                .body(body),
+        )
+        .await;
+    assert_eq!(
+        answer,
+        (StatusCode::OK, json!({"order_id": id, "status": "paid"}))
+    );
+    assert_eq!(node.stock("edge").await, (3, 1, 1));
 }

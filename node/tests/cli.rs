@@ -3,11 +3,14 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 
-use common::Node;
-use reqwest::StatusCode;
-use serde_json::Value;
+use common::{assert_error, cards, on_sale, retry_after_secs, Node};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
 
 fn run(node: &Node, args: &[&str]) -> Output {
     node.command()
@@ -225,4 +228,190 @@ async fn a_second_node_on_the_same_data_dir_refuses_to_start() {
     assert!(stderr.contains("recovering"), "{stderr}");
     // The first one is unharmed.
     assert_eq!(node.get("/readyz").await.0, StatusCode::OK);
+}
+
+/// The secrets a node generates when none is set, by file name.
+const DEV_SECRET_FILES: [&str; 3] = ["admin-token", "payment-secret", "master.key"];
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Without an admin token, payment secret or master key in its settings, a node
+/// generates each once, says so in its log, keeps it readable by its owner alone and
+/// outside the RocksDB folder (a copy of the database must not carry its keys), and
+/// reads the same ones back at the next start without generating anything.
+#[tokio::test]
+async fn dev_secrets_are_generated_once_private_and_apart_from_the_database() {
+    let mut node = Node::start(&[]).await;
+    let log = node.log();
+    for name in DEV_SECRET_FILES {
+        assert!(
+            log.lines().any(|line| line.contains("WARN")
+                && line.contains(&format!("generated a development {name}"))),
+            "no warning that {name} was generated; log:\n{log}"
+        );
+    }
+    let secrets_dir = node.secrets_dir();
+    assert_eq!(mode_of(&secrets_dir), 0o700, "{}", secrets_dir.display());
+    let generated: Vec<Vec<u8>> = DEV_SECRET_FILES
+        .iter()
+        .map(|name| {
+            let path = secrets_dir.join(name);
+            assert_eq!(mode_of(&path), 0o600, "{name}");
+            std::fs::read(&path).expect("secret file")
+        })
+        .collect();
+    let texts: Vec<String> = generated
+        .iter()
+        .map(|bytes| String::from_utf8_lossy(bytes).trim().to_owned())
+        .collect();
+    for (name, text) in DEV_SECRET_FILES.iter().zip(&texts) {
+        assert!(text.len() >= 16, "{name} holds {text:?}");
+        assert!(!log.contains(text.as_str()), "{name} is in the log:\n{log}");
+    }
+
+    let db = node.data_dir().join("db");
+    assert!(db.is_dir(), "no RocksDB folder at {}", db.display());
+    for file in files_under(&db) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !DEV_SECRET_FILES.contains(&name.as_str()),
+            "{} is inside the RocksDB folder",
+            file.display()
+        );
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        for (secret, text) in DEV_SECRET_FILES.iter().zip(&texts) {
+            assert!(
+                !bytes.windows(text.len()).any(|w| w == text.as_bytes()),
+                "{secret} is written in {}",
+                file.display()
+            );
+        }
+    }
+
+    let token = texts[0].clone();
+    let define = |node: &Node, sku: &str| {
+        node.http
+            .put(node.at(&format!("/v1/skus/{sku}")))
+            .bearer_auth(&token)
+            .json(&on_sale(100, 1, 60))
+    };
+    let (status, body) = node.send(define(&node, "before-restart")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let logged_before_restart = node.log().len();
+    node.restart().await;
+    for (name, before) in DEV_SECRET_FILES.iter().zip(&generated) {
+        let after = std::fs::read(secrets_dir.join(name)).expect("secret file");
+        assert!(&after == before, "{name} changed across a restart");
+        assert_eq!(mode_of(&secrets_dir.join(name)), 0o600, "{name}");
+    }
+    let log = node.log();
+    let since_restart = &log[logged_before_restart..];
+    assert!(since_restart.contains("ready"), "{since_restart}");
+    assert!(
+        !since_restart.contains("generated a development"),
+        "a secret was generated again; log since the restart:\n{since_restart}"
+    );
+    let (status, body) = node.send(define(&node, "after-restart")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = node
+        .send(
+            node.http
+                .get(node.at("/v1/admin/skus/before-restart"))
+                .bearer_auth(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// An order for `sku` by `user`, with the answer's headers.
+async fn order_by(
+    node: &Node,
+    sku: &str,
+    user: &str,
+) -> ((StatusCode, Value), reqwest::header::HeaderMap) {
+    node.send_with_headers(
+        node.http
+            .post(node.at(&format!("/v1/skus/{sku}/orders")))
+            .json(&json!({ "user_id": user })),
+    )
+    .await
+}
+
+/// A rate in the file given with `--config` is the one the node applies: with one
+/// order a second and a burst of one per user, a buyer's second order right after
+/// the first is 429 with Retry-After. The setting's env var wins over the file: with
+/// `KEYDROP_BURST_PER_USER=3`, three orders in a row all go through.
+#[tokio::test]
+async fn a_rate_from_the_config_file_applies_and_its_env_var_wins() {
+    let config_dir = tempfile::tempdir().expect("temp dir");
+    let file = config_dir.path().join("keydrop.toml");
+    std::fs::write(&file, "rate_per_user = 1\nburst_per_user = 1\n").unwrap();
+    let mut node = Node::start_with_args(
+        &[("KEYDROP_RATE_PER_IP", "0")],
+        &["--config", file.to_str().unwrap()],
+    )
+    .await;
+    node.sku_with_cards("cfg", on_sale(100, 5, 600), &cards("f", 10))
+        .await;
+    let started = std::time::Instant::now();
+    let (first, _) = order_by(&node, "cfg", "alice").await;
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
+    let second = order_by(&node, "cfg", "alice").await;
+    // A token comes back a second after the first order: only a machine too slow
+    // to send two requests in that time would see the second admitted.
+    if started.elapsed() < Duration::from_millis(900) {
+        assert_error(&second.0, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        let retry_after = retry_after_secs(&second);
+        assert!((1..=2).contains(&retry_after), "{retry_after}");
+    }
+    let alice_orders = if second.0 .0 == StatusCode::CREATED {
+        2
+    } else {
+        1
+    };
+
+    node.set_env("KEYDROP_BURST_PER_USER", "3");
+    let logged_before_restart = node.log().len();
+    node.restart().await;
+    let log = node.log();
+    let effective = log[logged_before_restart..]
+        .lines()
+        .find(|line| line.contains("effective configuration"))
+        .unwrap_or_else(|| panic!("no effective configuration logged:\n{log}"));
+    assert!(
+        effective.contains(r#""rate_per_user":1,"burst_per_user":3"#),
+        "{effective}"
+    );
+    for n in 1..=3 {
+        let (answer, _) = order_by(&node, "cfg", "bob").await;
+        assert_eq!(answer.0, StatusCode::CREATED, "order {n}: {}", answer.1);
+    }
+    let (status, view) = node
+        .send(node.admin(Method::GET, "/v1/admin/skus/cfg"))
+        .await;
+    assert_eq!(
+        (status, view["reserved"].as_u64()),
+        (StatusCode::OK, Some(alice_orders + 3)),
+        "{view}"
+    );
 }

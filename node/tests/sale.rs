@@ -386,6 +386,8 @@ async fn sigterm_closes_idle_connections_at_once() {
     );
 }
 
+/// SIGTERM during an import: the node stops taking connections at once, answers the
+/// import in full, and exits 0 with every card durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_import_finish() {
     let mut node = Node::start(&[]).await;
@@ -407,11 +409,24 @@ async fn sigterm_lets_an_in_flight_import_finish() {
         (node.metric(batches).await > before).then_some(())
     })
     .await;
-    let status = node.sigterm();
+    node.send_signal("-TERM");
+    // Stopping means no new connection is taken while the import drains.
+    eventually("the listener to close", Duration::from_secs(20), || async {
+        node.log().contains("stopped accepting").then_some(())
+    })
+    .await;
+    let address = node.url.trim_start_matches("http://").to_owned();
+    let refused = tokio::net::TcpStream::connect(&address).await;
+    assert!(
+        refused.is_err(),
+        "a connection was accepted after SIGTERM; log:\n{}",
+        node.log()
+    );
     let response = import
         .await
         .expect("import task")
         .expect("answered before exit");
+    let status = node.wait_exit();
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["imported"], 60_000, "{body}");

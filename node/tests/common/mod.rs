@@ -11,6 +11,7 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -27,11 +28,19 @@ pub struct Node {
     pub url: String,
     pub http: reqwest::Client,
     starts: usize,
+    /// Arguments after `serve`, at every start.
+    args: Vec<String>,
 }
 
 impl Node {
     /// Starts a node on a fresh data dir with extra `KEYDROP_*` settings.
     pub async fn start(env: &[(&str, &str)]) -> Node {
+        Node::start_with_args(env, &[]).await
+    }
+
+    /// Starts a node like [`Node::start`], with `args` after `serve` (a `--config`,
+    /// say), at this start and every later one.
+    pub async fn start_with_args(env: &[(&str, &str)], args: &[&str]) -> Node {
         let mut node = Node {
             dir: tempfile::tempdir().expect("temp dir"),
             env: env
@@ -47,6 +56,7 @@ impl Node {
                 .build()
                 .expect("HTTP client"),
             starts: 0,
+            args: args.iter().map(|arg| arg.to_string()).collect(),
         };
         node.spawn().await;
         node
@@ -108,6 +118,7 @@ impl Node {
         let mut child = self
             .command()
             .arg("serve")
+            .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -198,13 +209,18 @@ impl Node {
     }
 
     fn signal(&mut self, signal: &str) -> ExitStatus {
+        self.send_signal(signal);
+        self.wait_exit()
+    }
+
+    /// Sends `signal` ("-TERM", say) without waiting; [`Node::wait_exit`] waits.
+    pub fn send_signal(&self, signal: &str) {
         let pid = self.pid().to_string();
         let sent = Command::new("kill")
             .args([signal, &pid])
             .status()
             .expect("running kill");
         assert!(sent.success());
-        self.wait_exit()
     }
 
     /// SIGKILL: the process gets no chance to flush or snapshot anything.
@@ -215,7 +231,8 @@ impl Node {
         self._stdout = None;
     }
 
-    fn wait_exit(&mut self) -> ExitStatus {
+    /// Waits for the process to exit, up to a deadline.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
@@ -235,8 +252,13 @@ impl Node {
         format!("{}{path}", self.url)
     }
 
+    /// Where the node keeps the secrets it generates.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.data_dir().join("secrets")
+    }
+
     fn secret_file(&self, name: &str) -> String {
-        std::fs::read_to_string(self.data_dir().join("secrets").join(name))
+        std::fs::read_to_string(self.secrets_dir().join(name))
             .expect("generated secret file")
             .trim()
             .to_owned()
@@ -264,6 +286,19 @@ impl Node {
         let bytes = response.bytes().await.expect("response body");
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, value)
+    }
+
+    /// Like [`Node::send`], with the response's headers.
+    pub async fn send_with_headers(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> ((StatusCode, Value), HeaderMap) {
+        let response = request.send().await.expect("request sent");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("response body");
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        ((status, value), headers)
     }
 
     pub fn admin(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -441,4 +476,16 @@ pub fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str
     );
     assert!(body["message"].is_string(), "{body}");
     assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
+}
+
+/// The `Retry-After` of an answer, in whole seconds, or a panic naming the body.
+pub fn retry_after_secs(answer: &((StatusCode, Value), HeaderMap)) -> u64 {
+    let ((status, body), headers) = answer;
+    headers
+        .get("retry-after")
+        .unwrap_or_else(|| panic!("{status} without Retry-After: {body}"))
+        .to_str()
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("Retry-After not in whole seconds: {headers:?}"))
 }
