@@ -18,20 +18,63 @@ const CONNECTIONS_MAX: usize = 512;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_buyers_for_five_hundred_cards() {
-    let node = Arc::new(Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await);
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    crowd_for_five_hundred_cards(node, 0).await;
+}
+
+/// The same crowd with the node's overload gates at their defaults (the harness
+/// turns them off elsewhere): a buyer told 503 `overloaded` comes back after its
+/// `Retry-After`, as a client should, and the outcome is the same to the card.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_buyers_for_five_hundred_cards_through_the_overload_gates() {
+    let node = Node::start(&[
+        ("KEYDROP_RATE_PER_IP", "0"),
+        ("KEYDROP_SHED_LAG_MS", "5"),
+        ("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS", "5"),
+    ])
+    .await;
+    crowd_for_five_hundred_cards(node, 20).await;
+}
+
+/// 2,000 buyers at once for 500 cards: exactly 500 reservations, 1,500 told sold
+/// out, and once everyone pays, 500 distinct imported cards with their secrets. A
+/// buyer answered 503 `overloaded` tries again after its `Retry-After`, up to
+/// `retries` times.
+async fn crowd_for_five_hundred_cards(node: Node, retries: usize) {
+    let node = Arc::new(node);
     let stock = cards("drop", 500);
     node.sku_with_cards("drop", on_sale(1_000, 1, 600), &stock)
         .await;
     let secrets: HashMap<String, String> = stock.into_iter().collect();
 
     let gate = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let overloaded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let buyers: Vec<_> = (0..2_000)
         .map(|i| {
             let node = Arc::clone(&node);
             let gate = Arc::clone(&gate);
+            let overloaded = Arc::clone(&overloaded);
             tokio::spawn(async move {
-                let _slot = gate.acquire().await.expect("semaphore open");
-                node.reserve("drop", &format!("buyer-{i}")).await
+                let mut tries = 0;
+                loop {
+                    let answer = {
+                        let _slot = gate.acquire().await.expect("semaphore open");
+                        node.send_with_headers(
+                            node.http
+                                .post(node.at("/v1/skus/drop/orders"))
+                                .json(&serde_json::json!({ "user_id": format!("buyer-{i}") })),
+                        )
+                        .await
+                    };
+                    if answer.0 .0 != StatusCode::SERVICE_UNAVAILABLE || tries == retries {
+                        return answer.0;
+                    }
+                    assert_eq!(answer.0 .1["error"], "overloaded", "{:?}", answer.0);
+                    overloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_secs(common::retry_after_secs(&answer)))
+                        .await;
+                }
             })
         })
         .collect();
@@ -48,7 +91,12 @@ async fn two_thousand_buyers_for_five_hundred_cards() {
             }
         }
     }
-    assert_eq!(orders.len(), 500, "refusals: {refusals:?}");
+    let overloaded = overloaded.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        orders.len(),
+        500,
+        "refusals: {refusals:?}; 503s retried: {overloaded}"
+    );
     assert_eq!(refusals.len(), 1, "only sold_out refusals: {refusals:?}");
     assert_eq!(
         refusals.get("409 Conflict \"sold_out\""),
