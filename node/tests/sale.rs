@@ -22,25 +22,29 @@ async fn two_thousand_buyers_for_five_hundred_cards() {
     crowd_for_five_hundred_cards(node, 0).await;
 }
 
-/// The same crowd with the node's overload gates at their defaults (the harness
-/// turns them off elsewhere): a buyer told 503 `overloaded` comes back after its
-/// `Retry-After`, as a client should, and the outcome is the same to the card.
+/// The same crowd through the node's overload gates (the harness turns them off
+/// elsewhere): the lag gate and the adaptive order bound at their defaults, the
+/// bound's ceiling at 64 so that 512 buyers at once are sure to meet it. A buyer
+/// told 503 `overloaded` comes back after its `Retry-After`, as a client should, and
+/// the outcome is the same to the card.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_buyers_for_five_hundred_cards_through_the_overload_gates() {
     let node = Node::start(&[
         ("KEYDROP_RATE_PER_IP", "0"),
         ("KEYDROP_SHED_LAG_MS", "5"),
         ("KEYDROP_ORDERS_IN_FLIGHT_TARGET_MS", "5"),
+        ("KEYDROP_ORDERS_IN_FLIGHT_MAX", "64"),
     ])
     .await;
-    crowd_for_five_hundred_cards(node, 20).await;
+    let overloaded = crowd_for_five_hundred_cards(node, 30).await;
+    assert!(overloaded > 0, "the gates refused no one");
 }
 
 /// 2,000 buyers at once for 500 cards: exactly 500 reservations, 1,500 told sold
 /// out, and once everyone pays, 500 distinct imported cards with their secrets. A
 /// buyer answered 503 `overloaded` tries again after its `Retry-After`, up to
-/// `retries` times.
-async fn crowd_for_five_hundred_cards(node: Node, retries: usize) {
+/// `retries` times. Gives how many answers were 503 `overloaded`.
+async fn crowd_for_five_hundred_cards(node: Node, retries: usize) -> usize {
     let node = Arc::new(node);
     let stock = cards("drop", 500);
     node.sku_with_cards("drop", on_sale(1_000, 1, 600), &stock)
@@ -144,6 +148,7 @@ async fn crowd_for_five_hundred_cards(node: Node, retries: usize) {
         (Some(0), Some(0), Some(500))
     );
     assert_eq!(view["status"], "sold_out");
+    overloaded
 }
 
 /// What buyers were told during the sale.
