@@ -153,13 +153,30 @@ impl Node {
         self.wait_ready().await;
     }
 
+    /// Polls `/readyz` until it answers 200. Every start checks the contract while
+    /// the node recovers: `/readyz` is 503 `unavailable` with `Retry-After`, and
+    /// `/healthz` answers 200 meanwhile.
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(response) = self.http.get(self.at("/readyz")).send().await {
-                if response.status() == StatusCode::OK {
+                let status = response.status();
+                if status == StatusCode::OK {
                     return;
                 }
+                let retry_after = response.headers().get("retry-after").cloned();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                assert_error(
+                    &(status, body.clone()),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                );
+                assert!(
+                    retry_after.is_some(),
+                    "/readyz {status} without Retry-After: {body}"
+                );
+                let (health, _) = self.get("/healthz").await;
+                assert_eq!(health, StatusCode::OK, "/healthz while recovering");
             }
             if let Some(status) = self
                 .child
