@@ -143,21 +143,28 @@ fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = async { drop(stop.wait_for(|stop| *stop).await) } => return,
+                // Both passes run off the async workers that answer buyers: sweeping
+                // millions of buckets takes a while, and draining the histograms
+                // folds in every latency sample recorded since the last pass
+                // (0.5-2.2 ms of one core every 5 s at 16,500 orders/s), which on
+                // a single worker held every request due meanwhile.
                 _ = evict.tick() => {
-                    // Sweeping millions of buckets takes a while: keep it off the
-                    // workers that answer buyers.
                     let state = state.clone();
                     let _ = tokio::task::spawn_blocking(move || state.admission.evict_idle()).await;
                 }
                 _ = upkeep.tick() => {
-                    state.metrics.run_upkeep();
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
-                    state.callbacks_seen.purge(now);
-                    if let Some(engine) = state.engine_if_ready() {
-                        state.sku_gauges.refresh(engine);
-                    }
+                    let state = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        state.metrics.run_upkeep();
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64);
+                        state.callbacks_seen.purge(now);
+                        if let Some(engine) = state.engine_if_ready() {
+                            state.sku_gauges.refresh(engine);
+                        }
+                    })
+                    .await;
                 }
             }
         }
