@@ -27,7 +27,8 @@ use crate::limits::{
     SNAPSHOT_DEFER_FACTOR_MAX,
 };
 use crate::sku::{
-    Command, Event, RefusalReason, Reply, Sku, SkuDef, SkuError, SkuStatus, SkuView, StockCounts,
+    Command, Event, RefusalReason, RefusedPayment, Reply, Sku, SkuDef, SkuError, SkuStatus,
+    SkuView, StockCounts,
 };
 
 /// What a SKU actor publishes for readers that must not queue behind buyers: the
@@ -405,6 +406,30 @@ impl LatePayment {
     }
 }
 
+/// A payment refused on an order that already holds the refused payments it keeps,
+/// so recorded nowhere but in the log: money the operator must find in the
+/// provider's records to refund.
+struct UnrecordedRefusal {
+    sku: SkuId,
+    order_id: OrderId,
+    refused: RefusedPayment,
+}
+
+impl UnrecordedRefusal {
+    fn report(&self) {
+        // Each callback, retries included: nothing on the order tells them apart.
+        metrics::counter!("keydrop_refused_payments_unrecorded_total").increment(1);
+        tracing::error!(
+            sku = %self.sku,
+            order = %self.order_id,
+            payment_ref = %self.refused.payment_ref,
+            amount_cents = self.refused.amount_cents,
+            reason = self.refused.reason.as_str(),
+            "payment refused and not recorded: the order holds the most refused payments it keeps; refund it from the provider's records"
+        );
+    }
+}
+
 impl SkuActorState {
     /// Applies `command` and journals its events; returns how many orders it expired
     /// or pruned.
@@ -468,24 +493,22 @@ impl SkuActorState {
                 return 0;
             }
         }
-        let decision = self.sku.handle(command, now);
-        if let Some((order_id, refused)) = &decision.unrecorded_refusal {
-            // Each callback, retries included: nothing on the order tells them apart.
-            metrics::counter!("keydrop_refused_payments_unrecorded_total").increment(1);
-            tracing::error!(
-                sku = %self.sku.id(),
-                order = %order_id,
-                payment_ref = %refused.payment_ref,
-                amount_cents = refused.amount_cents,
-                reason = refused.reason.as_str(),
-                "payment refused and not recorded: the order holds the most refused payments it keeps; refund it from the provider's records"
-            );
-        }
+        let mut decision = self.sku.handle(command, now);
+        let unrecorded = decision
+            .unrecorded_refusal
+            .take()
+            .map(|(order_id, refused)| UnrecordedRefusal {
+                sku: self.sku.id().clone(),
+                order_id,
+                refused,
+            });
         if let (Some((key, fingerprint)), Err(refusal)) = (keyed, &decision.reply) {
             self.keyed_refusals.remember(key, fingerprint, refusal, now);
         }
         self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {
+            // Ahead of the answer, so whoever got the answer finds the report made.
+            self.report_when_durable(unrecorded);
             match (decision.reply, reply) {
                 (Err(refusal), Some(reply)) if refusal_waits.applies_to(&refusal) => {
                     self.after_durable(Box::new(move |durable| {
@@ -553,6 +576,9 @@ impl SkuActorState {
                                 late.log_recorded(sku);
                             }
                         }
+                        if let Some(unrecorded) = &unrecorded {
+                            unrecorded.report();
+                        }
                         answer.map_err(EngineError::Sku)
                     }
                     Err(error) => Err(EngineError::from_journal(error)),
@@ -564,6 +590,19 @@ impl SkuActorState {
         });
         self.maybe_snapshot();
         ended
+    }
+
+    /// Reports a refusal the order could not record once the state it rests on is
+    /// durable, as its answer is: after a failed write the SKU reloads, the order may
+    /// have room again, and the provider's retry is recorded instead.
+    fn report_when_durable(&self, unrecorded: Option<UnrecordedRefusal>) {
+        if let Some(unrecorded) = unrecorded {
+            self.after_durable(Box::new(move |durable| {
+                if durable.is_ok() {
+                    unrecorded.report();
+                }
+            }));
+        }
     }
 
     /// Delivers now if everything applied is durable, else after a journal barrier.

@@ -132,8 +132,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Background upkeep: evicts idle admission buckets, drains histograms, refreshes
-/// SKU gauges. Stops with the server.
+/// Background upkeep: evicts idle admission buckets, drains histograms, purges the
+/// payment callbacks' replay guard, refreshes SKU gauges. Stops with the server.
 fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut evict = tokio::time::interval(EVICT_INTERVAL);

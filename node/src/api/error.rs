@@ -176,6 +176,15 @@ impl ApiError {
         }
     }
 
+    /// Answered before the request's body was read to its end: too large, or too
+    /// slow to arrive.
+    fn leaves_body_unread(&self) -> bool {
+        matches!(
+            self,
+            ApiError::PayloadTooLarge { .. } | ApiError::RequestTimeout { .. }
+        )
+    }
+
     /// `ApiError::Overloaded` as a response, made without serialising anything: in a
     /// crowd past the order bound most requests end with it, and its cost is what
     /// the node pays for each buyer it turns away. The same bytes and headers as
@@ -233,6 +242,14 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, retry_after_value(wait));
         }
+        if self.leaves_body_unread() {
+            // The rest of the body may still be on its way, and the connection closes
+            // after this answer: said out loud, a client does not send its next
+            // request down a connection that is going away.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -287,6 +304,29 @@ mod tests {
     use keydrop_engine::SkuStatus;
 
     const STORAGE_DETAIL: &str = "IO error: No space left on device: /srv/keydrop/db/000012.log";
+
+    #[test]
+    fn answers_given_before_the_body_was_read_close_the_connection() {
+        let closes = |error: ApiError| {
+            error
+                .into_response()
+                .headers()
+                .get(header::CONNECTION)
+                .map(|v| v.as_bytes().to_vec())
+        };
+        assert_eq!(
+            closes(ApiError::PayloadTooLarge { limit_bytes: 16 }),
+            Some(b"close".to_vec())
+        );
+        assert_eq!(
+            closes(ApiError::RequestTimeout {
+                limit: Duration::from_secs(10)
+            }),
+            Some(b"close".to_vec())
+        );
+        assert_eq!(closes(ApiError::IdempotencyKeyReused), None);
+        assert_eq!(closes(ApiError::Overloaded), None);
+    }
 
     #[test]
     fn engine_errors_map_to_the_contract() {

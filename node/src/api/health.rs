@@ -29,12 +29,24 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<impl Serialize
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = crate::metrics::render(
-        &state.metrics,
-        state.engine_if_ready(),
-        &state.sku_gauges,
-        &state.admission,
-    );
+    // Rendering drains every latency sample recorded since the last drain into its
+    // histogram: milliseconds at a drop's rate, which on an async worker every
+    // buyer's request due meanwhile would wait out.
+    let rendered = tokio::task::spawn_blocking(move || {
+        crate::metrics::render(
+            &state.metrics,
+            state.engine_if_ready(),
+            &state.sku_gauges,
+            &state.admission,
+        )
+    })
+    .await;
+    let text = match rendered {
+        Ok(text) => text,
+        Err(error) => {
+            return ApiError::Internal(format!("rendering metrics failed: {error}")).into_response()
+        }
+    };
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
