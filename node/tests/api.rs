@@ -726,14 +726,7 @@ async fn the_default_per_user_bucket_admits_a_burst_of_five() {
     let orders: Vec<_> = (0..ORDERS)
         .map(|_| {
             let node = Arc::clone(&node);
-            tokio::spawn(async move {
-                node.send_with_headers(
-                    node.http
-                        .post(node.at("/v1/skus/burst/orders"))
-                        .json(&json!({"user_id": "eager"})),
-                )
-                .await
-            })
+            tokio::spawn(async move { node.reserve_with_headers("burst", "eager").await })
         })
         .collect();
     let mut created = 0;

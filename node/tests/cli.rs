@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{assert_error, cards, on_sale, retry_after_secs, Node};
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn run(node: &Node, args: &[&str]) -> Output {
     node.command()
@@ -342,20 +342,6 @@ async fn dev_secrets_are_generated_once_private_and_apart_from_the_database() {
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
-/// An order for `sku` by `user`, with the answer's headers.
-async fn order_by(
-    node: &Node,
-    sku: &str,
-    user: &str,
-) -> ((StatusCode, Value), reqwest::header::HeaderMap) {
-    node.send_with_headers(
-        node.http
-            .post(node.at(&format!("/v1/skus/{sku}/orders")))
-            .json(&json!({ "user_id": user })),
-    )
-    .await
-}
-
 /// A rate in the file given with `--config` is the one the node applies: with one
 /// order a second and a burst of one per user, a buyer's second order right after
 /// the first is 429 with Retry-After. The setting's env var wins over the file: with
@@ -373,9 +359,9 @@ async fn a_rate_from_the_config_file_applies_and_its_env_var_wins() {
     node.sku_with_cards("cfg", on_sale(100, 5, 600), &cards("f", 10))
         .await;
     let started = std::time::Instant::now();
-    let (first, _) = order_by(&node, "cfg", "alice").await;
+    let (first, _) = node.reserve_with_headers("cfg", "alice").await;
     assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
-    let second = order_by(&node, "cfg", "alice").await;
+    let second = node.reserve_with_headers("cfg", "alice").await;
     // A token comes back a second after the first order: only a machine too slow
     // to send two requests in that time would see the second admitted.
     if started.elapsed() < Duration::from_millis(900) {
@@ -402,7 +388,7 @@ async fn a_rate_from_the_config_file_applies_and_its_env_var_wins() {
         "{effective}"
     );
     for n in 1..=3 {
-        let (answer, _) = order_by(&node, "cfg", "bob").await;
+        let (answer, _) = node.reserve_with_headers("cfg", "bob").await;
         assert_eq!(answer.0, StatusCode::CREATED, "order {n}: {}", answer.1);
     }
     let (status, view) = node

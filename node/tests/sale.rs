@@ -67,12 +67,8 @@ async fn crowd_for_five_hundred_cards(node: Node, retry_for: Duration) -> usize 
                 loop {
                     let answer = {
                         let _slot = gate.acquire().await.expect("semaphore open");
-                        node.send_with_headers(
-                            node.http
-                                .post(node.at("/v1/skus/drop/orders"))
-                                .json(&serde_json::json!({ "user_id": format!("buyer-{i}") })),
-                        )
-                        .await
+                        node.reserve_with_headers("drop", &format!("buyer-{i}"))
+                            .await
                     };
                     if answer.0 .0 != StatusCode::SERVICE_UNAVAILABLE {
                         return answer.0;

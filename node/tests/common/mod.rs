@@ -298,11 +298,7 @@ impl Node {
 
     /// Sends and returns the status and the JSON body (`Null` when not JSON).
     pub async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
-        let response = request.send().await.expect("request sent");
-        let status = response.status();
-        let bytes = response.bytes().await.expect("response body");
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, value)
+        self.send_with_headers(request).await.0
     }
 
     /// Like [`Node::send`], with the response's headers.
@@ -366,7 +362,16 @@ impl Node {
     }
 
     pub async fn reserve(&self, sku: &str, user: &str) -> (StatusCode, Value) {
-        self.send(
+        self.reserve_with_headers(sku, user).await.0
+    }
+
+    /// An order for `sku` by `user`, with the answer's headers.
+    pub async fn reserve_with_headers(
+        &self,
+        sku: &str,
+        user: &str,
+    ) -> ((StatusCode, Value), HeaderMap) {
+        self.send_with_headers(
             self.http
                 .post(self.at(&format!("/v1/skus/{sku}/orders")))
                 .json(&json!({ "user_id": user })),
