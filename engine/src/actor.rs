@@ -26,6 +26,7 @@ use crate::limits::{
     ENDED_ORDERS_KEPT_MS, EXPIRE_BATCH_ORDERS_MAX, JOURNAL_QUEUE_DEPTH_MAX, PRUNE_BATCH_ORDERS_MAX,
     SNAPSHOT_DEFER_FACTOR_MAX,
 };
+use crate::reserved_keys::ReservedKeys;
 use crate::sku::{
     Command, Event, RefusalReason, RefusedPayment, Reply, Sku, SkuDef, SkuError, SkuStatus,
     SkuView, StockCounts,
@@ -59,6 +60,12 @@ pub(crate) struct SkuShared {
     /// `published_seq` when the ticker last looked, so it can count the records of
     /// each tick; only the ticker writes it.
     pub seq_at_last_tick: AtomicU64,
+    /// The idempotency keys of the SKU's orders, for the edge to tell a keyed order it
+    /// can refuse from one only the actor can answer.
+    pub reserved_keys: ReservedKeys,
+    /// Refusals of keyed reservations, answered again to retries; written by the
+    /// actor and by the edge.
+    pub keyed_refusals: KeyedRefusals,
 }
 
 /// The state a journal record leaves a SKU in, as readers see it.
@@ -83,6 +90,8 @@ impl SkuShared {
             published_seq: AtomicU64::new(0),
             snapshot_wanted: AtomicBool::new(false),
             seq_at_last_tick: AtomicU64::new(0),
+            reserved_keys: ReservedKeys::new(sku.idempotency_keys()),
+            keyed_refusals: KeyedRefusals::default(),
         };
         shared.publish_next_expiry(sku);
         shared.store(&Published {
@@ -124,7 +133,9 @@ impl SkuShared {
 
     fn store(&self, published: &Published) {
         let counts = &published.counts;
-        self.available.store(counts.available, Ordering::Relaxed);
+        // Release: an edge that reads the stock the actor left (sold out) also sees the
+        // keys the actor added to `reserved_keys` before it.
+        self.available.store(counts.available, Ordering::Release);
         self.reserved.store(counts.reserved, Ordering::Relaxed);
         self.sold.store(counts.sold, Ordering::Relaxed);
         self.imported.store(counts.imported, Ordering::Relaxed);
@@ -134,7 +145,7 @@ impl SkuShared {
     }
 
     pub fn available(&self) -> u64 {
-        self.available.load(Ordering::Relaxed)
+        self.available.load(Ordering::Acquire)
     }
 
     pub fn view(&self, now: Timestamp) -> SkuView {
@@ -207,7 +218,6 @@ pub(crate) struct SkuActorState {
     snapshot_records_min: u64,
     /// Set when reloading from disk failed: every command is refused from then on.
     poisoned: bool,
-    keyed_refusals: KeyedRefusals,
     /// The SKU time the clock was last found far behind (and followed back from),
     /// so that each such step is counted and logged once.
     clock_followed_back_from: Option<Timestamp>,
@@ -240,7 +250,6 @@ impl Actor for SkuActor {
             records_since_snapshot: args.records_since_snapshot,
             snapshot_records_min: args.snapshot_records_min,
             poisoned: false,
-            keyed_refusals: KeyedRefusals::default(),
             clock_followed_back_from: None,
             shared: args.shared,
             journal: args.journal,
@@ -480,7 +489,7 @@ impl SkuActorState {
             _ => None,
         };
         if let Some((key, fingerprint)) = &keyed {
-            let earlier = match self.keyed_refusals.earlier(key, fingerprint, now) {
+            let earlier = match self.shared.keyed_refusals.earlier(key, fingerprint, now) {
                 Earlier::None => None,
                 Earlier::Refused(error) => Some(error),
                 Earlier::OtherRequest => Some(SkuError::IdempotencyKeyReused),
@@ -503,8 +512,22 @@ impl SkuActorState {
                 refused,
             });
         if let (Some((key, fingerprint)), Err(refusal)) = (keyed, &decision.reply) {
-            self.keyed_refusals.remember(key, fingerprint, refusal, now);
+            self.shared
+                .keyed_refusals
+                .remember(key, fingerprint, refusal, now);
         }
+        // Added as decided, ahead of the stock the edge sheds by, which is published
+        // once durable; removed only once durable (below).
+        for event in &decision.events {
+            if let Event::Reserved {
+                idempotency: Some((key, _)),
+                ..
+            } = event
+            {
+                self.shared.reserved_keys.add(key);
+            }
+        }
+        let forgotten_keys = std::mem::take(&mut decision.forgotten_keys);
         self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {
             // Ahead of the answer, so whoever got the answer finds the report made.
@@ -553,6 +576,7 @@ impl SkuActorState {
         self.records_since_snapshot += 1;
         let seq = self.seq;
         let durable_seq = Arc::clone(&self.durable_seq);
+        let epoch = self.epoch;
         let record = codec::encode_events(&decision.events);
         let answer = decision.reply;
         // Only for the log line of a late payment: no copy for the other records.
@@ -578,6 +602,9 @@ impl SkuActorState {
                         }
                         if let Some(unrecorded) = &unrecorded {
                             unrecorded.report();
+                        }
+                        for key in &forgotten_keys {
+                            shared.reserved_keys.remove(key, epoch);
                         }
                         answer.map_err(EngineError::Sku)
                     }
@@ -690,7 +717,10 @@ impl SkuActorState {
                 // A refusal remembered since the last durable record may rest on
                 // state the failed batch took with it (a card reserved, an order
                 // counted against a limit): decided afresh from the reloaded SKU.
-                self.keyed_refusals = KeyedRefusals::default();
+                self.shared.keyed_refusals.clear();
+                self.shared
+                    .reserved_keys
+                    .rebuild(self.sku.idempotency_keys(), self.epoch);
             }
             Ok(None) | Err(_) => {
                 tracing::error!(sku = %id, "cannot reload SKU from disk; refusing its commands until restart");

@@ -329,6 +329,34 @@ impl Engine {
         self.inner.skus.get(id).map(|h| h.shared.available())
     }
 
+    /// Answers, without a trip to the SKU's actor, a keyed order that the published
+    /// state refuses with `refusal` (sold out, or outside the sale window): as the
+    /// actor would, with what an earlier request with the key was refused (422 if it
+    /// was another request), else with `refusal`, held for the key's retries from
+    /// now on. `None` when one of the SKU's orders may hold the key (its retry is
+    /// owed the original 201, which only the actor has) or the SKU is unknown: ask
+    /// the actor.
+    pub fn refuse_keyed_order(
+        &self,
+        id: &SkuId,
+        key: &IdempotencyKey,
+        fingerprint: &RequestFingerprint,
+        refusal: SkuError,
+    ) -> Option<SkuError> {
+        let shared = Arc::clone(&self.inner.skus.get(id)?.shared);
+        if shared.reserved_keys.may_hold(key) {
+            return None;
+        }
+        let (answer, replayed) =
+            shared
+                .keyed_refusals
+                .refuse(key, fingerprint, refusal, self.inner.clock.now());
+        if replayed {
+            metrics::counter!("keydrop_idempotent_refusals_replayed_total").increment(1);
+        }
+        Some(answer)
+    }
+
     pub fn skus(&self) -> Vec<SkuView> {
         let now = self.inner.clock.now();
         let mut views: Vec<SkuView> = self.inner.skus.iter().map(|h| h.shared.view(now)).collect();

@@ -7,7 +7,8 @@
 //! - [`journal`]: RocksDB, the group-commit writer and recovery; the only module that
 //!   touches RocksDB.
 //! - `actor`: one ractor actor per SKU, serialising its commands in memory; with it,
-//!   `keyed_refusals`, the refusals it answers again to retries with the same key.
+//!   what it shares with the edge: `keyed_refusals`, the refusals answered again to
+//!   retries with the same key, and `reserved_keys`, the keys its orders hold.
 //! - [`Engine`]: the handle callers hold; routes calls to actors, runs expiry.
 //!
 //! Invariants: a card is in at most one live order; `available + reserved + sold ==
@@ -23,6 +24,7 @@ pub mod ids;
 pub mod journal;
 mod keyed_refusals;
 pub mod limits;
+mod reserved_keys;
 pub mod sku;
 pub mod vault;
 

@@ -310,6 +310,116 @@ async fn idempotent_retry_returns_the_original_order() {
     o.engine.shutdown().await;
 }
 
+/// A keyed order the edge would refuse from the published stock is answered without
+/// the actor, as the actor would answer it, unless one of the SKU's orders holds its
+/// key: from the order's reservation until its pruning is durable, and across a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_orders_of_a_sold_out_sku_are_answered_without_the_actor_unless_an_order_holds_the_key(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = manual_clock();
+    let id = sku("keyed-edge");
+    let keyed = |user: &str, key: &str, fp: u8| Reservation {
+        user: UserId::parse(user).unwrap(),
+        device: None,
+        idempotency: Some((
+            IdempotencyKey::parse(key).unwrap(),
+            RequestFingerprint([fp; 16]),
+        )),
+    };
+    let at_edge = |o: &Opened, key: &str, fp: u8| {
+        o.engine.refuse_keyed_order(
+            &id,
+            &IdempotencyKey::parse(key).unwrap(),
+            &RequestFingerprint([fp; 16]),
+            SkuError::SoldOut,
+        )
+    };
+    let winner_key = "winner-key";
+    {
+        let o = open(dir.path(), &clock, &[KEY_A]).await;
+        o.stocked(&id, cards("K", 0..1)).await;
+        let won = o
+            .engine
+            .reserve(&id, keyed("winner", winner_key, 1))
+            .await
+            .unwrap();
+        assert_eq!(o.engine.available_hint(&id), Some(0));
+        // The winner's retry is the actor's to answer, with its 201.
+        assert_eq!(at_edge(&o, winner_key, 1), None);
+        let retry = o
+            .engine
+            .reserve(&id, keyed("winner", winner_key, 1))
+            .await
+            .unwrap();
+        assert!(retry.replayed);
+        assert_eq!(retry.order_id, won.order_id);
+
+        // A new key is refused at the edge and held: the same request gets the same
+        // answer, another request with the key 422, at the edge and from the actor.
+        assert_eq!(at_edge(&o, "late-key", 1), Some(SkuError::SoldOut));
+        assert_eq!(at_edge(&o, "late-key", 1), Some(SkuError::SoldOut));
+        assert_eq!(
+            at_edge(&o, "late-key", 2),
+            Some(SkuError::IdempotencyKeyReused)
+        );
+        // The card comes back: the held refusal still answers the key's retry, and a
+        // fresh key gets the card.
+        o.engine.cancel(&won.order_id).await.unwrap();
+        assert_eq!(o.engine.available_hint(&id), Some(1));
+        assert!(matches!(
+            o.engine.reserve(&id, keyed("late", "late-key", 1)).await,
+            Err(EngineError::Sku(SkuError::SoldOut))
+        ));
+        assert!(matches!(
+            o.engine.reserve(&id, keyed("late", "late-key", 2)).await,
+            Err(EngineError::Sku(SkuError::IdempotencyKeyReused))
+        ));
+        let second = o
+            .engine
+            .reserve(&id, keyed("second", "second-key", 1))
+            .await
+            .unwrap();
+        assert!(!second.replayed);
+        o.engine
+            .confirm_payment(&second.order_id, PaymentRef::parse("pay-2").unwrap(), 5_000)
+            .await
+            .unwrap();
+        assert_eq!(o.engine.available_hint(&id), Some(0));
+        // The cancelled order still holds its key until it is pruned.
+        assert_eq!(at_edge(&o, winner_key, 1), None);
+        clock.advance_millis(keydrop_engine::limits::ENDED_ORDERS_KEPT_MS + 1);
+        assert!(
+            eventually(Duration::from_secs(10), || at_edge(&o, winner_key, 1)
+                .is_some())
+            .await,
+            "the key of the pruned order is still held"
+        );
+        assert!(matches!(
+            o.engine.order(&won.order_id).await,
+            Err(EngineError::Sku(SkuError::OrderNotFound))
+        ));
+        assert_eq!(at_edge(&o, "second-key", 1), None);
+        o.engine.shutdown().await;
+    }
+    // After a restart the keys of the orders are known again; the refusals are not.
+    let o = open(dir.path(), &clock, &[KEY_A]).await;
+    assert_eq!(o.engine.available_hint(&id), Some(0));
+    assert_eq!(at_edge(&o, "second-key", 1), None);
+    assert_eq!(at_edge(&o, "late-key", 2), Some(SkuError::SoldOut));
+    assert_eq!(
+        o.engine.refuse_keyed_order(
+            &sku("no-such-sku"),
+            &IdempotencyKey::parse("k").unwrap(),
+            &RequestFingerprint([1; 16]),
+            SkuError::SoldOut,
+        ),
+        None
+    );
+    o.engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_write_is_not_acknowledged_and_memory_matches_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -368,7 +478,15 @@ async fn a_remembered_refusal_does_not_outlive_the_failed_write_it_rested_on() {
     let dir = tempfile::tempdir().unwrap();
     let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
     let id = sku("rolled-back");
-    o.stocked(&id, cards("R", 0..1)).await;
+    o.stocked(&id, cards("R", 0..2)).await;
+    let kept = Reservation {
+        idempotency: Some((
+            IdempotencyKey::parse("kept-key").unwrap(),
+            RequestFingerprint([2; 16]),
+        )),
+        ..buyer("kept")
+    };
+    o.engine.reserve(&id, kept).await.unwrap();
     let keyed = || Reservation {
         user: UserId::parse("patient").unwrap(),
         device: None,
@@ -377,9 +495,16 @@ async fn a_remembered_refusal_does_not_outlive_the_failed_write_it_rested_on() {
             RequestFingerprint([7; 16]),
         )),
     };
+    let doomed = Reservation {
+        idempotency: Some((
+            IdempotencyKey::parse("doomed-key").unwrap(),
+            RequestFingerprint([1; 16]),
+        )),
+        ..buyer("doomed")
+    };
     o.fault.hold_writes();
     let release = ReleaseOnDrop(o.fault.clone());
-    let mut first = Box::pin(o.engine.reserve(&id, buyer("doomed")));
+    let mut first = Box::pin(o.engine.reserve(&id, doomed));
     assert!(poll_once(&mut first).await.is_none());
     assert!(
         eventually(Duration::from_secs(10), || o.engine.journal_queue_depth()
@@ -409,7 +534,20 @@ async fn a_remembered_refusal_does_not_outlive_the_failed_write_it_rested_on() {
     };
     let order = order.expect("decided afresh after the reload");
     assert!(!order.replayed);
-    assert_eq!(o.engine.sku(&id).unwrap().counts.reserved, 1);
+    assert_eq!(o.engine.sku(&id).unwrap().counts.reserved, 2);
+    // The keys the edge sends to the actor were rebuilt with the SKU: the failed
+    // reservation's is gone, the others are there.
+    let at_edge = |key: &str, fp: u8| {
+        o.engine.refuse_keyed_order(
+            &id,
+            &IdempotencyKey::parse(key).unwrap(),
+            &RequestFingerprint([fp; 16]),
+            SkuError::SoldOut,
+        )
+    };
+    assert_eq!(at_edge("doomed-key", 1), Some(SkuError::SoldOut));
+    assert_eq!(at_edge("retry-me", 7), None);
+    assert_eq!(at_edge("kept-key", 2), None);
     o.engine.shutdown().await;
 }
 

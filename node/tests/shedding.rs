@@ -160,3 +160,66 @@ async fn the_order_bound_starts_at_its_ceiling_and_comes_down_under_a_crowd() {
         "bound after the crowds: {bound}"
     );
 }
+
+/// Keyed orders for a sold-out SKU are answered at the edge too, as the actor would
+/// answer them (a held refusal again, another request with the key 422), except the
+/// retry of an order that holds its key, which only the actor can answer with its
+/// original 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_orders_for_a_sold_out_sku_are_shed_unless_an_order_holds_the_key() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0"), ("KEYDROP_RATE_PER_USER", "0")]).await;
+    node.sku_with_cards("keyed", on_sale(100, 1, 600), &cards("k", 1))
+        .await;
+    let keyed = |user: &str, key: &str| {
+        node.http
+            .post(node.at("/v1/skus/keyed/orders"))
+            .header("idempotency-key", key)
+            .json(&json!({ "user_id": user }))
+    };
+    let (status, won) = node.send(keyed("winner", "k-winner")).await;
+    assert_eq!(status, StatusCode::CREATED, "{won}");
+    let shed = || node.metric("keydrop_orders_shed_total");
+    let replayed = || node.metric("keydrop_idempotent_refusals_replayed_total");
+    let (shed_before, replayed_before) = (shed().await, replayed().await);
+
+    // The winner's retry reaches the actor: its 201 again, marked replayed.
+    let ((status, again), headers) = node.send_with_headers(keyed("winner", "k-winner")).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &won));
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_error(
+        &node.send(keyed("thief", "k-winner")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+    assert_eq!(
+        shed().await,
+        shed_before,
+        "a held key was refused at the edge"
+    );
+
+    // A new key: refused at the edge, and held there for its retries.
+    let late = node.send(keyed("late", "k-late")).await;
+    assert_error(&late, StatusCode::CONFLICT, "sold_out");
+    assert_eq!(node.send(keyed("late", "k-late")).await, late);
+    assert_error(
+        &node.send(keyed("other", "k-late")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+    assert_eq!(shed().await, shed_before + 3.0);
+    assert_eq!(replayed().await, replayed_before + 2.0);
+
+    // The card comes back: the edge lets orders through, and the actor answers the
+    // held key as the edge did, while a fresh key gets the card.
+    let id = won["order_id"].as_str().unwrap();
+    let (status, _) = node
+        .send(node.http.delete(node.at(&format!("/v1/orders/{id}"))))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(node.send(keyed("late", "k-late")).await, late);
+    let (status, order) = node.send(keyed("fresh", "k-fresh")).await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    assert_eq!(shed().await, shed_before + 3.0);
+    assert_eq!(replayed().await, replayed_before + 3.0);
+    assert_eq!(node.stock("keyed").await, (0, 1, 0));
+}

@@ -59,6 +59,8 @@ pub struct Decision {
     /// `REFUSED_PAYMENTS_PER_ORDER_MAX` refused ones, so not recorded on it: money
     /// the operator must find in the provider's records to refund.
     pub unrecorded_refusal: Option<(OrderId, RefusedPayment)>,
+    /// Idempotency keys the SKU no longer knows: those of the orders it pruned.
+    pub forgotten_keys: Vec<IdempotencyKey>,
 }
 
 impl Decision {
@@ -67,6 +69,7 @@ impl Decision {
             events,
             reply: Ok(reply),
             unrecorded_refusal: None,
+            forgotten_keys: Vec::new(),
         }
     }
 
@@ -75,6 +78,7 @@ impl Decision {
             events: Vec::new(),
             reply: Err(error),
             unrecorded_refusal: None,
+            forgotten_keys: Vec::new(),
         }
     }
 }
@@ -152,6 +156,11 @@ impl Sku {
     /// Whether a reservation was made under this idempotency key.
     pub fn knows_idempotency_key(&self, key: &IdempotencyKey) -> bool {
         self.idempotency_index.contains_key(key)
+    }
+
+    /// Every idempotency key a reservation was made under, of the orders still held.
+    pub fn idempotency_keys(&self) -> impl Iterator<Item = &IdempotencyKey> {
+        self.idempotency_index.keys()
     }
 
     pub fn def(&self) -> &SkuDef {
@@ -306,9 +315,19 @@ impl Sku {
             Command::PruneEnded { kept_for_ms } => {
                 let prunable = self.prunable_orders(kept_for_ms, now);
                 let count = prunable.len();
+                let forgotten_keys = prunable
+                    .iter()
+                    .filter_map(|id| {
+                        let (key, _) = self.orders[id].idempotency.as_ref()?;
+                        (self.idempotency_index.get(key) == Some(id)).then(|| key.clone())
+                    })
+                    .collect();
                 let events =
                     event_unless_empty(prunable, |order_ids| Event::Pruned { order_ids, at: now });
-                self.commit(Reply::Pruned { count }, events)
+                Decision {
+                    forgotten_keys,
+                    ..self.commit(Reply::Pruned { count }, events)
+                }
             }
         }
     }
@@ -511,8 +530,8 @@ impl Sku {
         }
         Decision {
             events,
-            reply: Err(error),
             unrecorded_refusal,
+            ..Decision::refuse(error)
         }
     }
 
@@ -534,8 +553,7 @@ impl Sku {
                 self.apply(&event);
                 Decision {
                     events: vec![event],
-                    reply: Err(SkuError::ReservationExpired),
-                    unrecorded_refusal: None,
+                    ..Decision::refuse(SkuError::ReservationExpired)
                 }
             }
             OrderStatus::Reserved => {

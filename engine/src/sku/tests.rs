@@ -915,6 +915,7 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     now,
                 );
                 let mut expected = 0;
+                let mut forgotten = Vec::new();
                 for index in 0..model.orders.len() {
                     let o = &model.orders[index];
                     if !o.gone
@@ -922,7 +923,12 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         && o.ended_at.is_some_and(|at| at + kept_for <= model.now)
                     {
                         model.orders[index].gone = true;
-                        model.keys.retain(|_, (_, i)| *i != index);
+                        model.keys.retain(|key, (_, i)| {
+                            if *i == index {
+                                forgotten.push(format!("key-{key}"));
+                            }
+                            *i != index
+                        });
                         expected += 1;
                     }
                 }
@@ -930,6 +936,14 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Ok(Reply::Pruned { count }) => prop_assert_eq!(count, expected),
                     other => prop_assert!(false, "prune answered {:?}", other),
                 }
+                let mut told: Vec<String> = decision
+                    .forgotten_keys
+                    .iter()
+                    .map(|key| key.as_str().to_owned())
+                    .collect();
+                told.sort();
+                forgotten.sort();
+                prop_assert_eq!(told, forgotten);
                 log.extend(decision.events);
                 for o in &model.orders {
                     prop_assert_eq!(sku.order(&o.id).is_none(), o.gone);
@@ -968,6 +982,12 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         prop_assert_eq!(sku.last_now(), Timestamp(model.last));
         prop_assert_eq!(sku.counts(), model.counts());
+        // The keys the edge's index is built from.
+        let mut known: Vec<&str> = sku.idempotency_keys().map(|key| key.as_str()).collect();
+        known.sort_unstable();
+        let mut expected: Vec<String> = model.keys.keys().map(|key| format!("key-{key}")).collect();
+        expected.sort_unstable();
+        prop_assert_eq!(known, expected);
         sku.check_invariants().map_err(TestCaseError::fail)?;
     }
     Ok(())

@@ -218,29 +218,38 @@ where
         state.admission.check_device(device).map_err(rate_limited)?;
     }
     state.admission.check_user(&user).map_err(rate_limited)?;
-    // Shed orders for a sold-out SKU here, without a trip to its actor. A request
-    // with an Idempotency-Key goes through: it may be the retry of an order that
-    // got a card, and must get its original answer back.
-    match engine.available_hint(&sku) {
-        None => return Err(ApiError::SkuNotFound),
-        Some(0) if key.is_none() => {
-            metrics::counter!(ORDERS_SHED).increment(1);
-            // Out of stock, but a SKU outside its sale window answers as the actor
-            // would: not on sale, whatever its stock.
-            let status = engine.sku(&sku).map(|view| view.status);
-            return Err(match status {
-                Some(status @ (SkuStatus::Scheduled | SkuStatus::Ended)) => {
-                    ApiError::from(SkuError::NotOnSale { status })
-                }
-                _ => ApiError::SoldOut,
-            });
-        }
-        Some(_) => {}
-    }
     let idempotency = key.map(|key| {
         let device_bytes = device.as_ref().map_or(&b""[..], |d| d.as_str().as_bytes());
         (key, RequestFingerprint::of(&[&body, device_bytes]))
     });
+    // Shed orders for a sold-out SKU here, without a trip to its actor. A keyed one
+    // is answered as the actor would (with what its key was refused before, if it
+    // was), unless one of the SKU's orders may hold its key: it may be the retry of
+    // an order that got a card, owed its original 201.
+    match engine.available_hint(&sku) {
+        None => return Err(ApiError::SkuNotFound),
+        Some(0) => {
+            // Out of stock, but a SKU outside its sale window answers as the actor
+            // would: not on sale, whatever its stock.
+            let refusal = match engine.sku(&sku).map(|view| view.status) {
+                Some(status @ (SkuStatus::Scheduled | SkuStatus::Ended)) => {
+                    SkuError::NotOnSale { status }
+                }
+                _ => SkuError::SoldOut,
+            };
+            let answer = match &idempotency {
+                None => Some(refusal),
+                Some((key, fingerprint)) => {
+                    engine.refuse_keyed_order(&sku, key, fingerprint, refusal)
+                }
+            };
+            if let Some(refusal) = answer {
+                metrics::counter!(ORDERS_SHED).increment(1);
+                return Err(ApiError::from(refusal));
+            }
+        }
+        Some(_) => {}
+    }
     // Held until the engine answers: the order bound counts the orders the engine
     // is deciding, not the clients still sending.
     let _slot = state.admission.take_order_slot().map_err(|reason| {
