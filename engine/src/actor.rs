@@ -479,7 +479,10 @@ impl SkuActorState {
                 "the wall clock is far behind this SKU's latest time; following it back"
             );
         }
-        // A keyed reservation the SKU has no order for may have been refused before.
+        // A keyed reservation the SKU has no order for may have been refused before,
+        // here or at the edge. Decided under the refusals' lock, held until the
+        // reservation's key is in `reserved_keys`: the edge answers the same key under
+        // it, so one of the two always finds what the other decided.
         let keyed = match &command {
             Command::Reserve(request) => request
                 .idempotency
@@ -488,13 +491,16 @@ impl SkuActorState {
                 .cloned(),
             _ => None,
         };
-        if let Some((key, fingerprint)) = &keyed {
-            let earlier = match self.shared.keyed_refusals.earlier(key, fingerprint, now) {
+        let shared = keyed.is_some().then(|| Arc::clone(&self.shared));
+        let mut refusals = shared.as_ref().map(|shared| shared.keyed_refusals.lock());
+        if let (Some(held), Some((key, fingerprint))) = (refusals.as_mut(), &keyed) {
+            let earlier = match held.earlier(key, fingerprint, now) {
                 Earlier::None => None,
                 Earlier::Refused(error) => Some(error),
                 Earlier::OtherRequest => Some(SkuError::IdempotencyKeyReused),
             };
             if let Some(error) = earlier {
+                drop(refusals);
                 metrics::counter!("keydrop_idempotent_refusals_replayed_total").increment(1);
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(EngineError::Sku(error)));
@@ -511,10 +517,10 @@ impl SkuActorState {
                 order_id,
                 refused,
             });
-        if let (Some((key, fingerprint)), Err(refusal)) = (keyed, &decision.reply) {
-            self.shared
-                .keyed_refusals
-                .remember(key, fingerprint, refusal, now);
+        if let (Some(held), Some((key, fingerprint)), Err(refusal)) =
+            (refusals.as_mut(), keyed, &decision.reply)
+        {
+            held.remember(key, fingerprint, refusal, now);
         }
         // Added as decided, ahead of the stock the edge sheds by, which is published
         // once durable; removed only once durable (below).
@@ -527,6 +533,7 @@ impl SkuActorState {
                 self.shared.reserved_keys.add(key);
             }
         }
+        drop(refusals);
         let forgotten_keys = std::mem::take(&mut decision.forgotten_keys);
         self.shared.publish_next_expiry(&self.sku);
         if decision.events.is_empty() {

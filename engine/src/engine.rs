@@ -344,13 +344,15 @@ impl Engine {
         refusal: SkuError,
     ) -> Option<SkuError> {
         let shared = Arc::clone(&self.inner.skus.get(id)?.shared);
+        // Under the lock the actor decides keyed reservations with (see
+        // `KeyedRefusals::lock`): a reservation it made for the key is in
+        // `reserved_keys` by then, or it will find this refusal.
+        let mut held = shared.keyed_refusals.lock();
         if shared.reserved_keys.may_hold(key) {
             return None;
         }
-        let (answer, replayed) =
-            shared
-                .keyed_refusals
-                .refuse(key, fingerprint, refusal, self.inner.clock.now());
+        let (answer, replayed) = held.refuse(key, fingerprint, refusal, self.inner.clock.now());
+        drop(held);
         if replayed {
             metrics::counter!("keydrop_idempotent_refusals_replayed_total").increment(1);
         }

@@ -10,9 +10,8 @@
 //!
 //! Two writers share one SKU's table: its actor, for the refusals it decides, and the
 //! HTTP edge, for the keyed orders of a sold-out SKU it answers without the actor
-//! (`Engine::refuse_keyed_order`). A reservation is looked up before a refusal, by
-//! both, so a key that ends up both reserved (a concurrent request with it reached
-//! the actor as a card came back) and refused is answered as reserved from then on.
+//! (`Engine::refuse_keyed_order`). Each decides a key under the table's lock
+//! ([`KeyedRefusals::lock`]), so a key is reserved or refused, never both.
 //!
 //! Only refusals that answer the request are held: sold out, sale ended, purchase
 //! limit. "Not on sale yet" answers the moment (a retry after the opening should
@@ -43,76 +42,35 @@ pub(crate) struct KeyedRefusals {
 }
 
 impl KeyedRefusals {
-    /// What an earlier request with `key` was refused with, if any.
-    pub(crate) fn earlier(
-        &self,
-        key: &IdempotencyKey,
-        fingerprint: &RequestFingerprint,
-        now: Timestamp,
-    ) -> Earlier {
-        self.lock().earlier(key, fingerprint, now)
-    }
-
-    /// Holds `error` for the key if it answers the request (see the module doc).
-    /// The key must not be held already: [`KeyedRefusals::earlier`] said so.
-    pub(crate) fn remember(
-        &self,
-        key: IdempotencyKey,
-        fingerprint: RequestFingerprint,
-        error: &SkuError,
-        now: Timestamp,
-    ) {
-        self.lock().remember(key, fingerprint, error, now);
-    }
-
-    /// Answers a keyed request refused with `refusal` from the state the SKU
-    /// published: with the refusal held for the key if there is one, else with
-    /// `refusal`, held from now on as the actor would hold it. Says whether the answer
-    /// was held before.
-    pub(crate) fn refuse(
-        &self,
-        key: &IdempotencyKey,
-        fingerprint: &RequestFingerprint,
-        refusal: SkuError,
-        now: Timestamp,
-    ) -> (SkuError, bool) {
-        let mut held = self.lock();
-        match held.earlier(key, fingerprint, now) {
-            Earlier::Refused(earlier) => (earlier, true),
-            Earlier::OtherRequest => (SkuError::IdempotencyKeyReused, true),
-            Earlier::None => {
-                held.remember(key.clone(), *fingerprint, &refusal, now);
-                (refusal, false)
-            }
-        }
-    }
-
-    /// Forgets every refusal: they may rest on state a failed write took with it.
-    pub(crate) fn clear(&self) {
-        *self.lock() = Held::default();
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().by_key.len()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Held> {
+    /// The table, held while a keyed request is decided: by the actor from its
+    /// lookup here through its decision (and the reservation's key added to
+    /// `reserved_keys`), by the edge from its look at `reserved_keys` through its
+    /// answer. So the two never both decide one key: whichever comes second finds
+    /// what the first did.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Held> {
         // Nothing in `Held` panics half-way through a change; a panic elsewhere while
         // holding the lock leaves a consistent table.
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Forgets every refusal: they may rest on state a failed write took with it.
+    pub(crate) fn clear(&self) {
+        // Freed once the lock is released: up to 50,000 keys.
+        let forgotten = std::mem::take(&mut *self.lock());
+        drop(forgotten);
+    }
 }
 
 #[derive(Default)]
-struct Held {
+pub(crate) struct Held {
     by_key: HashMap<IdempotencyKey, (RequestFingerprint, SkuError)>,
     /// Each held key once, oldest first.
     by_age: VecDeque<(Timestamp, IdempotencyKey)>,
 }
 
 impl Held {
-    fn earlier(
+    /// What an earlier request with `key` was refused with, if any.
+    pub(crate) fn earlier(
         &mut self,
         key: &IdempotencyKey,
         fingerprint: &RequestFingerprint,
@@ -126,7 +84,10 @@ impl Held {
         }
     }
 
-    fn remember(
+    /// Holds `error` for the key if it answers the request (see the module doc).
+    /// The key must not be held already: [`Held::earlier`] said so, under the same
+    /// lock.
+    pub(crate) fn remember(
         &mut self,
         key: IdempotencyKey,
         fingerprint: RequestFingerprint,
@@ -157,7 +118,40 @@ impl Held {
             previous.is_none(),
             "a held key is answered, not refused again"
         );
-        self.by_age.push_back((now, key));
+        if previous.is_some() {
+            return;
+        }
+        // The actor reads its clock before it takes the lock, so the edge may have
+        // held a key at a later time meanwhile: kept in order, a key is forgotten at
+        // most that much late.
+        let at = self.by_age.back().map_or(now, |(last, _)| now.max(*last));
+        self.by_age.push_back((at, key));
+    }
+
+    /// Answers a keyed request refused with `refusal` from the state the SKU
+    /// published: with the refusal held for the key if there is one, else with
+    /// `refusal`, held from now on as the actor would hold it. Says whether the answer
+    /// was held before.
+    pub(crate) fn refuse(
+        &mut self,
+        key: &IdempotencyKey,
+        fingerprint: &RequestFingerprint,
+        refusal: SkuError,
+        now: Timestamp,
+    ) -> (SkuError, bool) {
+        match self.earlier(key, fingerprint, now) {
+            Earlier::Refused(earlier) => (earlier, true),
+            Earlier::OtherRequest => (SkuError::IdempotencyKeyReused, true),
+            Earlier::None => {
+                self.remember(key.clone(), *fingerprint, &refusal, now);
+                (refusal, false)
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_key.len()
     }
 
     fn forget_expired(&mut self, now: Timestamp) {
@@ -183,7 +177,8 @@ mod tests {
 
     #[test]
     fn a_refusal_is_answered_again_to_the_same_request_for_its_time() {
-        let held = KeyedRefusals::default();
+        let table = KeyedRefusals::default();
+        let mut held = table.lock();
         let (alice, bob) = (
             RequestFingerprint::of(&[b"alice"]),
             RequestFingerprint::of(&[b"bob"]),
@@ -204,7 +199,8 @@ mod tests {
 
     #[test]
     fn a_refusal_made_without_the_actor_is_held_and_answers_like_one_made_by_it() {
-        let held = KeyedRefusals::default();
+        let table = KeyedRefusals::default();
+        let mut held = table.lock();
         let (alice, bob) = (
             RequestFingerprint::of(&[b"alice"]),
             RequestFingerprint::of(&[b"bob"]),
@@ -246,13 +242,42 @@ mod tests {
             (scheduled, false)
         );
         assert_eq!(held.earlier(&key("early"), &alice, now), Earlier::None);
-        held.clear();
+        drop(held);
+        table.clear();
+        assert_eq!(table.lock().len(), 0);
+    }
+
+    /// The actor reads its clock before it takes the lock; a key held by the edge
+    /// meanwhile, at a later time, must not keep the actor's from being forgotten.
+    #[test]
+    fn a_key_held_at_an_earlier_time_than_the_last_is_forgotten_in_turn() {
+        let table = KeyedRefusals::default();
+        let mut held = table.lock();
+        let fingerprint = RequestFingerprint::of(&[b"x"]);
+        held.remember(
+            key("edge"),
+            fingerprint,
+            &SkuError::SoldOut,
+            Timestamp(1_000),
+        );
+        held.remember(
+            key("actor"),
+            fingerprint,
+            &SkuError::SoldOut,
+            Timestamp(999),
+        );
+        let both_gone = Timestamp(1_000 + KEYED_REFUSAL_KEPT_MS);
+        assert_eq!(
+            held.earlier(&key("actor"), &fingerprint, both_gone),
+            Earlier::None
+        );
         assert_eq!(held.len(), 0);
     }
 
     #[test]
     fn only_refusals_that_answer_the_request_are_held() {
-        let held = KeyedRefusals::default();
+        let table = KeyedRefusals::default();
+        let mut held = table.lock();
         let fingerprint = RequestFingerprint::of(&[b"x"]);
         let now = Timestamp(5);
         let limit = SkuError::PurchaseLimit {
@@ -282,7 +307,8 @@ mod tests {
 
     #[test]
     fn past_the_bound_the_oldest_go_first() {
-        let held = KeyedRefusals::default();
+        let table = KeyedRefusals::default();
+        let mut held = table.lock();
         let fingerprint = RequestFingerprint::of(&[b"x"]);
         for n in 0..KEYED_REFUSALS_PER_SKU_MAX + 2 {
             held.remember(

@@ -420,6 +420,76 @@ async fn keyed_orders_of_a_sold_out_sku_are_answered_without_the_actor_unless_an
     o.engine.shutdown().await;
 }
 
+/// The edge and the actor answering the same keys at the same moment never both
+/// decide one: a key the actor reserved is never refused at the edge, and a key the
+/// edge refused is never reserved by the actor. Each key is sent once to each, the
+/// edge's calls sweeping the keys from another thread while the actor works through
+/// them, so that some land while the actor is deciding the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_and_the_actor_never_both_decide_one_key() {
+    const KEYS: usize = 3_000;
+    const ROUNDS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
+    let key = |i: usize| IdempotencyKey::parse(format!("key-{i}")).unwrap();
+    let fingerprint = RequestFingerprint([3; 16]);
+    for round in 0..ROUNDS {
+        let id = sku(&format!("contended-{round}"));
+        o.stocked(&id, cards("C", 0..KEYS as u32)).await;
+        let at_actor: Vec<_> = (0..KEYS)
+            .map(|i| {
+                let (engine, id) = (o.engine.clone(), id.clone());
+                tokio::spawn(async move {
+                    let request = Reservation {
+                        user: UserId::parse(format!("buyer-{i}")).unwrap(),
+                        device: None,
+                        idempotency: Some((key(i), fingerprint)),
+                    };
+                    engine.reserve(&id, request).await
+                })
+            })
+            .collect();
+        let edge = {
+            let (engine, id) = (o.engine.clone(), id.clone());
+            std::thread::spawn(move || {
+                (0..KEYS)
+                    .map(|i| {
+                        // Paced near the actor's own speed, a few microseconds a key.
+                        let until =
+                            std::time::Instant::now() + Duration::from_micros(2 + (i % 5) as u64);
+                        while std::time::Instant::now() < until {
+                            std::hint::spin_loop();
+                        }
+                        engine.refuse_keyed_order(&id, &key(i), &fingerprint, SkuError::SoldOut)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let mut at_actor_answers = Vec::with_capacity(KEYS);
+        for task in at_actor {
+            at_actor_answers.push(task.await.unwrap());
+        }
+        let at_edge_answers = edge.join().unwrap();
+        let (mut reserved, mut refused) = (0, 0);
+        for (i, answers) in at_actor_answers.iter().zip(&at_edge_answers).enumerate() {
+            match answers {
+                (Ok(order), None) => {
+                    assert!(!order.replayed, "key {i}");
+                    reserved += 1;
+                }
+                (Err(EngineError::Sku(SkuError::SoldOut)), Some(SkuError::SoldOut)) => refused += 1,
+                other => panic!("round {round}: key {i} decided twice: {other:?}"),
+            }
+        }
+        assert_eq!(reserved + refused, KEYS);
+        assert_eq!(o.engine.sku(&id).unwrap().counts.reserved, reserved as u64);
+        eprintln!(
+            "round {round}: {reserved} reserved by the actor, {refused} refused at the edge first"
+        );
+    }
+    o.engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_write_is_not_acknowledged_and_memory_matches_disk() {
     let dir = tempfile::tempdir().unwrap();
