@@ -67,6 +67,23 @@ async fn sku_routes() {
         StatusCode::BAD_REQUEST,
         "invalid_request",
     );
+    // So on every route that names a SKU: its id is public, and the message says why.
+    let too_long = "x".repeat(65);
+    for bad in ["bad%20id", "bad.id", too_long.as_str()] {
+        let answers = [
+            node.get(&format!("/v1/skus/{bad}")).await,
+            node.reserve(bad, "alice").await,
+            node.import(bad, &cards("b", 1)).await,
+        ];
+        for answer in answers {
+            assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+            assert!(
+                answer.1["message"].as_str().unwrap().contains("sku"),
+                "{bad}: {}",
+                answer.1
+            );
+        }
+    }
     for bad in [
         json!({"name": "", "price_cents": 1, "per_user_limit": 1, "reservation_ttl_secs": 60}),
         json!({"name": "n", "price_cents": 1, "per_user_limit": 0, "reservation_ttl_secs": 60}),
