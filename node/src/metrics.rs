@@ -196,7 +196,7 @@ fn describe() {
     );
     describe_counter!(
         ORDERS_SHED,
-        "Orders answered sold_out at the edge, without a trip to the SKU actor."
+        "Orders of a SKU with no stock answered at the edge, without a trip to the SKU actor: sold_out, not_on_sale outside its window, and for a keyed order what its key was refused before."
     );
     describe_counter!(
         ORDERS_OVERLOAD_SHED,
@@ -258,7 +258,7 @@ fn describe() {
     );
     describe_counter!(
         "keydrop_idempotent_refusals_replayed_total",
-        "Refusals answered again to a retry with the same Idempotency-Key (held by the SKU's actor for an hour, at most 50,000 per SKU), or 422 for the key with another request."
+        "Refusals answered again to a retry with the same Idempotency-Key (held for an hour, at most 50,000 per SKU, by the SKU's actor or, for a sold-out SKU, the edge), or 422 for the key with another request."
     );
     describe_gauge!(
         READY,
