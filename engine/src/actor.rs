@@ -66,6 +66,8 @@ pub(crate) struct SkuShared {
     /// Refusals of keyed reservations, answered again to retries; written by the
     /// actor and by the edge.
     pub keyed_refusals: KeyedRefusals,
+    /// The actor could not reload after a failed write and refuses every command.
+    pub poisoned: AtomicBool,
 }
 
 /// The state a journal record leaves a SKU in, as readers see it.
@@ -92,6 +94,7 @@ impl SkuShared {
             seq_at_last_tick: AtomicU64::new(0),
             reserved_keys: ReservedKeys::new(sku.idempotency_keys()),
             keyed_refusals: KeyedRefusals::default(),
+            poisoned: AtomicBool::new(false),
         };
         shared.publish_next_expiry(sku);
         shared.store(&Published {
@@ -720,18 +723,25 @@ impl SkuActorState {
                 self.seq = recovered.seq;
                 self.durable_seq.store(recovered.seq, Ordering::Release);
                 self.records_since_snapshot = recovered.records_replayed;
-                self.shared.publish_reloaded(recovered.seq, &self.sku);
                 // A refusal remembered since the last durable record may rest on
                 // state the failed batch took with it (a card reserved, an order
                 // counted against a limit): decided afresh from the reloaded SKU.
+                // Forgotten before the reloaded stock is published, so the edge
+                // answers nothing from them once it sees that stock.
                 self.shared.keyed_refusals.clear();
                 self.shared
                     .reserved_keys
                     .rebuild(self.sku.idempotency_keys(), self.epoch);
+                self.shared.publish_reloaded(recovered.seq, &self.sku);
             }
             Ok(None) | Err(_) => {
                 tracing::error!(sku = %id, "cannot reload SKU from disk; refusing its commands until restart");
                 self.poisoned = true;
+                // The edge sends keyed orders to the actor from now on, to be refused
+                // as unavailable, and answers none from refusals that rest on memory
+                // the disk did not take.
+                self.shared.poisoned.store(true, Ordering::Release);
+                self.shared.keyed_refusals.clear();
             }
         }
     }

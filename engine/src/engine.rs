@@ -334,8 +334,9 @@ impl Engine {
     /// actor would, with what an earlier request with the key was refused (422 if it
     /// was another request), else with `refusal`, held for the key's retries from
     /// now on. `None` when one of the SKU's orders may hold the key (its retry is
-    /// owed the original 201, which only the actor has) or the SKU is unknown: ask
-    /// the actor.
+    /// owed the original 201, which only the actor has), when the SKU's actor refuses
+    /// everything (it could not reload after a failed write) or when the SKU is
+    /// unknown: ask the actor.
     pub fn refuse_keyed_order(
         &self,
         id: &SkuId,
@@ -348,7 +349,7 @@ impl Engine {
         // `KeyedRefusals::lock`): a reservation it made for the key is in
         // `reserved_keys` by then, or it will find this refusal.
         let mut held = shared.keyed_refusals.lock();
-        if shared.reserved_keys.may_hold(key) {
+        if shared.reserved_keys.may_hold(key) || shared.poisoned.load(Ordering::Acquire) {
             return None;
         }
         let (answer, replayed) = held.refuse(key, fingerprint, refusal, self.inner.clock.now());

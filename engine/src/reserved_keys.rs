@@ -7,10 +7,10 @@
 //! itself. Two keys that share a hash only send each other's retries to the actor;
 //! none is ever missed, since the count keeps the hash until both keys are gone.
 //!
-//! Every change comes from the SKU's actor. It adds a key when it decides the
-//! reservation, under the keyed refusals' lock and before the edge can see the SKU sold
-//! out by it (stock is published once durable, with release ordering); the completion
-//! of the journal write removes it once the pruning of the order is durable. A
+//! The SKU's actor adds a key when it decides the reservation, under the keyed
+//! refusals' lock and before the edge can see the SKU sold out by it (stock is
+//! published once durable, with release ordering); the completion of the journal
+//! write that prunes the order removes it once that is durable. A
 //! reload after a failed write rebuilds the whole from the SKU as on disk, and starts
 //! a new actor epoch: a removal from an earlier epoch that completes after the
 //! rebuild is ignored, since the rebuild already saw that pruning on disk. A key held

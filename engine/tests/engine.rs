@@ -424,16 +424,24 @@ async fn keyed_orders_of_a_sold_out_sku_are_answered_without_the_actor_unless_an
 /// decide one: a key the actor reserved is never refused at the edge, and a key the
 /// edge refused is never reserved by the actor. Each key is sent once to each, the
 /// edge's calls sweeping the keys from another thread while the actor works through
-/// them, so that some land while the actor is deciding the same key.
+/// them, so that some land while the actor is deciding the same key. (The real edge
+/// asks only once the SKU is sold out; the lock is the same either way.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_and_the_actor_never_both_decide_one_key() {
     const KEYS: usize = 3_000;
-    const ROUNDS: usize = 3;
+    // At least this many rounds, and more (up to the most) until both sides have
+    // won a key: a round in which the edge's sweep never met the actor's tests nothing.
+    const ROUNDS_MIN: usize = 3;
+    const ROUNDS_MAX: usize = 12;
     let dir = tempfile::tempdir().unwrap();
     let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
     let key = |i: usize| IdempotencyKey::parse(format!("key-{i}")).unwrap();
     let fingerprint = RequestFingerprint([3; 16]);
-    for round in 0..ROUNDS {
+    let (mut reserved_in_all, mut refused_in_all) = (0, 0);
+    for round in 0..ROUNDS_MAX {
+        if round >= ROUNDS_MIN && reserved_in_all > 0 && refused_in_all > 0 {
+            break;
+        }
         let id = sku(&format!("contended-{round}"));
         o.stocked(&id, cards("C", 0..KEYS as u32)).await;
         let at_actor: Vec<_> = (0..KEYS)
@@ -483,10 +491,16 @@ async fn the_edge_and_the_actor_never_both_decide_one_key() {
         }
         assert_eq!(reserved + refused, KEYS);
         assert_eq!(o.engine.sku(&id).unwrap().counts.reserved, reserved as u64);
+        reserved_in_all += reserved;
+        refused_in_all += refused;
         eprintln!(
             "round {round}: {reserved} reserved by the actor, {refused} refused at the edge first"
         );
     }
+    assert!(
+        reserved_in_all > 0 && refused_in_all > 0,
+        "the edge and the actor never met on a key: {reserved_in_all} reserved, {refused_in_all} refused"
+    );
     o.engine.shutdown().await;
 }
 
@@ -765,6 +779,17 @@ async fn a_sku_that_cannot_reload_answers_nothing_from_memory() {
             o.engine.reserve(&id, buyer("other")).await,
             Err(EngineError::SkuUnavailable)
         ));
+        // Nor does the edge answer a keyed order for it: the actor refuses it as
+        // unavailable.
+        assert_eq!(
+            o.engine.refuse_keyed_order(
+                &id,
+                &IdempotencyKey::parse("k").unwrap(),
+                &RequestFingerprint([1; 16]),
+                SkuError::SoldOut,
+            ),
+            None
+        );
         o.engine.shutdown().await;
     }
     let o = open(dir.path(), &clock, &[KEY_A]).await;

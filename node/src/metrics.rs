@@ -196,7 +196,7 @@ fn describe() {
     );
     describe_counter!(
         ORDERS_SHED,
-        "Orders of a SKU with no stock answered at the edge, without a trip to the SKU actor: sold_out, not_on_sale outside its window, and for a keyed order what its key was refused before."
+        "Orders of a SKU with no stock answered at the edge, without a trip to the SKU actor: sold_out, not_on_sale outside its window, and for a keyed order what its key was refused before, or 422 for the key with another request."
     );
     describe_counter!(
         ORDERS_OVERLOAD_SHED,

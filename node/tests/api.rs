@@ -67,11 +67,14 @@ async fn sku_routes() {
         StatusCode::BAD_REQUEST,
         "invalid_request",
     );
-    // So on every route that names a SKU: its id is public, and the message says why.
+    // So on the other routes that name a SKU (its view, the operator's view, orders,
+    // imports): its id is public, and the message says why.
     let too_long = "x".repeat(65);
     for bad in ["bad%20id", "bad.id", too_long.as_str()] {
         let answers = [
             node.get(&format!("/v1/skus/{bad}")).await,
+            node.send(node.admin(Method::GET, &format!("/v1/admin/skus/{bad}")))
+                .await,
             node.reserve(bad, "alice").await,
             node.import(bad, &cards("b", 1)).await,
         ];
