@@ -61,11 +61,24 @@ impl KeyedRefusals {
     }
 }
 
+/// Expired refusals dropped by one call at most: a crowd refused within a second
+/// expires within a second an hour later, and whoever holds the lock then (the actor,
+/// an edge worker) should not drop 50,000 keys in one go. An expired refusal not yet
+/// dropped is never answered: its time is checked on every lookup.
+const EXPIRED_DROPPED_PER_CALL_MAX: usize = 256;
+
 #[derive(Default)]
 pub(crate) struct Held {
-    by_key: HashMap<IdempotencyKey, (RequestFingerprint, SkuError)>,
-    /// Each held key once, oldest first.
+    /// The refusal held for each key, and when it was held.
+    by_key: HashMap<IdempotencyKey, (RequestFingerprint, SkuError, Timestamp)>,
+    /// The keys in the order they were held, oldest first. A key held again once its
+    /// refusal expired (before this entry was dropped) appears twice; the older entry
+    /// is told apart by its time.
     by_age: VecDeque<(Timestamp, IdempotencyKey)>,
+}
+
+fn still_held(at: Timestamp, now: Timestamp) -> bool {
+    at.as_millis() + KEYED_REFUSAL_KEPT_MS > now.as_millis()
 }
 
 impl Held {
@@ -78,8 +91,11 @@ impl Held {
     ) -> Earlier {
         self.forget_expired(now);
         match self.by_key.get(key) {
+            Some((_, _, at)) if !still_held(*at, now) => Earlier::None,
             None => Earlier::None,
-            Some((original, error)) if original == fingerprint => Earlier::Refused(error.clone()),
+            Some((original, error, _)) if original == fingerprint => {
+                Earlier::Refused(error.clone())
+            }
             Some(_) => Earlier::OtherRequest,
         }
     }
@@ -107,24 +123,21 @@ impl Held {
         }
         self.forget_expired(now);
         if self.by_age.len() >= KEYED_REFUSALS_PER_SKU_MAX {
-            if let Some((_, oldest)) = self.by_age.pop_front() {
-                self.by_key.remove(&oldest);
+            if let Some((at, oldest)) = self.by_age.pop_front() {
+                self.drop_entry(at, &oldest);
             }
-        }
-        let previous = self
-            .by_key
-            .insert(key.clone(), (fingerprint, error.clone()));
-        debug_assert!(
-            previous.is_none(),
-            "a held key is answered, not refused again"
-        );
-        if previous.is_some() {
-            return;
         }
         // The actor reads its clock before it takes the lock, so the edge may have
         // held a key at a later time meanwhile: kept in order, a key is forgotten at
         // most that much late.
         let at = self.by_age.back().map_or(now, |(last, _)| now.max(*last));
+        let previous = self
+            .by_key
+            .insert(key.clone(), (fingerprint, error.clone(), at));
+        debug_assert!(
+            previous.is_none_or(|(_, _, held_at)| !still_held(held_at, now)),
+            "a held key is answered, not refused again"
+        );
         self.by_age.push_back((at, key));
     }
 
@@ -155,13 +168,25 @@ impl Held {
     }
 
     fn forget_expired(&mut self, now: Timestamp) {
-        while let Some((at, _)) = self.by_age.front() {
-            if at.as_millis() + KEYED_REFUSAL_KEPT_MS > now.as_millis() {
-                break;
+        for _ in 0..EXPIRED_DROPPED_PER_CALL_MAX {
+            match self.by_age.front() {
+                Some((at, _)) if !still_held(*at, now) => {}
+                _ => break,
             }
-            if let Some((_, key)) = self.by_age.pop_front() {
-                self.by_key.remove(&key);
+            if let Some((at, key)) = self.by_age.pop_front() {
+                self.drop_entry(at, &key);
             }
+        }
+    }
+
+    /// Drops the refusal of `key` held at `at`, unless the key was held again since.
+    fn drop_entry(&mut self, at: Timestamp, key: &IdempotencyKey) {
+        if self
+            .by_key
+            .get(key)
+            .is_some_and(|(_, _, held_at)| *held_at == at)
+        {
+            self.by_key.remove(key);
         }
     }
 }
@@ -272,6 +297,39 @@ mod tests {
             Earlier::None
         );
         assert_eq!(held.len(), 0);
+    }
+
+    /// A crowd's refusals expire together; no lookup drops more than a bounded
+    /// number of them, none of them is answered once expired, and a key held again
+    /// meanwhile is not dropped with its expired entry.
+    #[test]
+    fn expired_refusals_are_dropped_a_bounded_number_at_a_time_and_never_answered() {
+        let table = KeyedRefusals::default();
+        let mut held = table.lock();
+        let fingerprint = RequestFingerprint::of(&[b"x"]);
+        let crowd = 3 * EXPIRED_DROPPED_PER_CALL_MAX;
+        for n in 0..crowd {
+            held.remember(
+                key(&format!("k{n}")),
+                fingerprint,
+                &SkuError::SoldOut,
+                Timestamp(7),
+            );
+        }
+        let expired = Timestamp(7 + KEYED_REFUSAL_KEPT_MS);
+        let last = key(&format!("k{}", crowd - 1));
+        assert_eq!(held.earlier(&last, &fingerprint, expired), Earlier::None);
+        assert_eq!(held.len(), crowd - EXPIRED_DROPPED_PER_CALL_MAX);
+        // Held again before its expired entry is dropped: the new refusal stays.
+        held.remember(last.clone(), fingerprint, &SkuError::SoldOut, expired);
+        for _ in 0..3 {
+            held.earlier(&key("other"), &fingerprint, expired);
+        }
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            held.earlier(&last, &fingerprint, expired),
+            Earlier::Refused(SkuError::SoldOut)
+        );
     }
 
     #[test]
