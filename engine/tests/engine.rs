@@ -429,10 +429,10 @@ async fn keyed_orders_of_a_sold_out_sku_are_answered_without_the_actor_unless_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_and_the_actor_never_both_decide_one_key() {
     const KEYS: usize = 3_000;
-    // At least this many rounds, and more (up to the most) until both sides have
-    // won a key: a round in which the edge's sweep never met the actor's tests nothing.
-    const ROUNDS_MIN: usize = 3;
-    const ROUNDS_MAX: usize = 12;
+    // Every pace once, and more rounds (up to the most) until both sides have won a
+    // key: a round in which the edge's sweep never met the actor's tests nothing.
+    const ROUNDS_MIN: usize = 6;
+    const ROUNDS_MAX: usize = 18;
     let dir = tempfile::tempdir().unwrap();
     let o = open(dir.path(), &manual_clock(), &[KEY_A]).await;
     let key = |i: usize| IdempotencyKey::parse(format!("key-{i}")).unwrap();
@@ -459,12 +459,16 @@ async fn the_edge_and_the_actor_never_both_decide_one_key() {
             .collect();
         let edge = {
             let (engine, id) = (o.engine.clone(), id.clone());
+            // The actor takes a few microseconds a key here; the edge's pace goes from
+            // 0.5 to 16 µs a key over six rounds, so that on a faster or slower machine
+            // some round still crosses the actor's.
+            let pace_nanos = 500u64 << (round % 6);
             std::thread::spawn(move || {
                 (0..KEYS)
                     .map(|i| {
-                        // Paced near the actor's own speed, a few microseconds a key.
+                        let jitter = (i % 5) as u64 * pace_nanos / 4;
                         let until =
-                            std::time::Instant::now() + Duration::from_micros(2 + (i % 5) as u64);
+                            std::time::Instant::now() + Duration::from_nanos(pace_nanos + jitter);
                         while std::time::Instant::now() < until {
                             std::hint::spin_loop();
                         }
