@@ -21,7 +21,7 @@ use crate::codec;
 use crate::error::EngineError;
 use crate::ids::{OrderId, PaymentRef, SkuId};
 use crate::journal::{Journal, JournalOp, JournalWrite};
-use crate::keyed_refusals::{Earlier, KeyedRefusals};
+use crate::keyed_refusals::KeyedRefusals;
 use crate::limits::{
     ENDED_ORDERS_KEPT_MS, EXPIRE_BATCH_ORDERS_MAX, JOURNAL_QUEUE_DEPTH_MAX, PRUNE_BATCH_ORDERS_MAX,
     SNAPSHOT_DEFER_FACTOR_MAX,
@@ -494,15 +494,9 @@ impl SkuActorState {
                 .cloned(),
             _ => None,
         };
-        let shared = keyed.is_some().then(|| Arc::clone(&self.shared));
-        let mut refusals = shared.as_ref().map(|shared| shared.keyed_refusals.lock());
+        let mut refusals = keyed.is_some().then(|| self.shared.keyed_refusals.lock());
         if let (Some(held), Some((key, fingerprint))) = (refusals.as_mut(), &keyed) {
-            let earlier = match held.earlier(key, fingerprint, now) {
-                Earlier::None => None,
-                Earlier::Refused(error) => Some(error),
-                Earlier::OtherRequest => Some(SkuError::IdempotencyKeyReused),
-            };
-            if let Some(error) = earlier {
+            if let Some(error) = held.earlier(key, fingerprint, now).answer() {
                 drop(refusals);
                 metrics::counter!("keydrop_idempotent_refusals_replayed_total").increment(1);
                 if let Some(reply) = reply {

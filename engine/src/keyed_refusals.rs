@@ -35,6 +35,17 @@ pub(crate) enum Earlier {
     OtherRequest,
 }
 
+impl Earlier {
+    /// The answer it gives the request again, if any.
+    pub(crate) fn answer(self) -> Option<SkuError> {
+        match self {
+            Earlier::None => None,
+            Earlier::Refused(error) => Some(error),
+            Earlier::OtherRequest => Some(SkuError::IdempotencyKeyReused),
+        }
+    }
+}
+
 /// One SKU's held refusals, shared by its actor and the edge.
 #[derive(Default)]
 pub(crate) struct KeyedRefusals {
@@ -152,10 +163,9 @@ impl Held {
         refusal: SkuError,
         now: Timestamp,
     ) -> (SkuError, bool) {
-        match self.earlier(key, fingerprint, now) {
-            Earlier::Refused(earlier) => (earlier, true),
-            Earlier::OtherRequest => (SkuError::IdempotencyKeyReused, true),
-            Earlier::None => {
+        match self.earlier(key, fingerprint, now).answer() {
+            Some(earlier) => (earlier, true),
+            None => {
                 self.remember(key.clone(), *fingerprint, &refusal, now);
                 (refusal, false)
             }
