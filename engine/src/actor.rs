@@ -151,6 +151,12 @@ impl SkuShared {
         self.available.load(Ordering::Acquire)
     }
 
+    /// The status as last published, without copying the definition: asked for
+    /// every order the edge sheds.
+    pub fn status(&self, now: Timestamp) -> SkuStatus {
+        SkuStatus::derive(&self.def.load(), self.available(), now)
+    }
+
     pub fn view(&self, now: Timestamp) -> SkuView {
         let def = SkuDef::clone(&self.def.load());
         let counts = StockCounts {

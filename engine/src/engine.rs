@@ -26,7 +26,7 @@ use crate::limits::{
 };
 use crate::sku::{
     Command, ImportOutcome, NewCard, OrderStatus, OrderView, Reply, ReserveRequest, Sku, SkuDef,
-    SkuError, SkuView,
+    SkuError, SkuStatus, SkuView,
 };
 use crate::vault::{CardSecret, KeyRing, SealedSecret};
 
@@ -322,6 +322,13 @@ impl Engine {
     pub fn sku(&self, id: &SkuId) -> Option<SkuView> {
         let shared = Arc::clone(&self.inner.skus.get(id)?.shared);
         Some(shared.view(self.inner.clock.now()))
+    }
+
+    /// The SKU's status as last published, for shedding its orders; no trip to the
+    /// actor.
+    pub fn sku_status(&self, id: &SkuId) -> Option<SkuStatus> {
+        let now = self.inner.clock.now();
+        self.inner.skus.get(id).map(|h| h.shared.status(now))
     }
 
     /// Stock in hand as last published, for shedding orders of a sold-out SKU.

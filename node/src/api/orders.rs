@@ -231,7 +231,7 @@ where
         Some(0) => {
             // Out of stock, but a SKU outside its sale window answers as the actor
             // would: not on sale, whatever its stock.
-            let refusal = match engine.sku(&sku).map(|view| view.status) {
+            let refusal = match engine.sku_status(&sku) {
                 Some(status @ (SkuStatus::Scheduled | SkuStatus::Ended)) => {
                     SkuError::NotOnSale { status }
                 }
