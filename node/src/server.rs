@@ -156,10 +156,7 @@ fn spawn_upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
                     let state = state.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         state.metrics.run_upkeep();
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs() as i64);
-                        state.callbacks_seen.purge(now);
+                        state.callbacks_seen.purge(crate::signature::unix_now_secs());
                         if let Some(engine) = state.engine_if_ready() {
                             state.sku_gauges.refresh(engine);
                         }

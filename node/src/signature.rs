@@ -36,6 +36,13 @@ pub enum SignatureError {
     SignedBeforeStart,
 }
 
+/// The system clock in unix seconds, as callbacks' `t` counts it (0 before 1970).
+pub fn unix_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Signed callbacks remembered at most: past this, the oldest are dropped early.
 const REMEMBERED_CALLBACKS_MAX: usize = 1_000_000;
 

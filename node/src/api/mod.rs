@@ -84,9 +84,7 @@ impl AppState {
             admin_token_digest: extract::token_digest(admin_token.as_bytes()),
             payment_secret,
             callbacks_seen: crate::signature::ReplayGuard::starting_at(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64),
+                crate::signature::unix_now_secs(),
             ),
             metrics,
             sku_gauges: SkuGauges::default(),
