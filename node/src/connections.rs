@@ -19,6 +19,8 @@
 //! armed for every request; here each request costs two uncontended counter bumps on
 //! its own connection, and one task sweeps every connection a few times per timeout.
 
+mod head_errors;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -38,6 +40,7 @@ use tokio::sync::watch;
 
 use crate::api::dispatch::{Api, ConnectionApi};
 use crate::metrics;
+use head_errors::JsonHeadErrors;
 
 /// How long to wait before accepting again after an error that is not about one
 /// connection (out of file descriptors): retrying at once would spin.
@@ -86,7 +89,7 @@ pub async fn serve(
             api: api.for_connection(peer),
             activity: Arc::clone(&activity),
         };
-        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = http.serve_connection(JsonHeadErrors::new(TokioIo::new(stream)), service);
         tokio::spawn(Served {
             connection,
             place: Open::new(&drain, next_id, activity),
@@ -352,7 +355,7 @@ pin_project_lite::pin_project! {
     /// One connection served to its end, asked to finish when the node drains.
     struct Served {
         #[pin]
-        connection: http1::Connection<TokioIo<TcpStream>, Tracked>,
+        connection: http1::Connection<JsonHeadErrors<TokioIo<TcpStream>>, Tracked>,
         place: Open,
         asked_to_finish: bool,
     }
@@ -377,8 +380,9 @@ impl Future for Served {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => Poll::Ready(()),
             Poll::Ready(Err(error)) => {
-                // A client that resets, or sends what is not HTTP/1.1 (hyper has
-                // answered 400 where it could): nothing for an operator to do.
+                // A client that resets, or sends what is not HTTP/1.1 (answered
+                // 400, 414 or 431 where it could be, see `head_errors`): nothing
+                // for an operator to do.
                 tracing::debug!(%error, "connection ended with an error");
                 Poll::Ready(())
             }

@@ -3,7 +3,8 @@
 //!
 //! Layout: [`cli`] is the command line; [`config`] and [`secrets`] what a node
 //! starts from; [`server`] binds, recovers and drains; [`connections`] accepts and
-//! serves HTTP/1.1 connections and closes them on shutdown; [`api`] the HTTP routes, one
+//! serves HTTP/1.1 connections (hyper's answers to heads it cannot parse given the
+//! JSON error body) and closes them on shutdown; [`api`] the HTTP routes, one
 //! file per group, with the one error type in `api/error.rs`; [`admission`] the
 //! token buckets and the overload gate, fed by [`lag`]; [`platform`] the one OS
 //! setting (huge pages); [`signature`] the payment callback HMAC; [`metrics`] Prometheus;

@@ -171,7 +171,7 @@ pub fn install() -> Result<PrometheusHandle> {
 fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
-        "HTTP requests answered, by route template and status code."
+        "HTTP requests answered, by route template and status code (route unmatched: no route matched; route malformed_head: a request head that is not HTTP/1.1, answered before routing)."
     );
     describe_gauge!(
         HTTP_CONNECTIONS_OPEN,

@@ -1,6 +1,7 @@
-//! The HTTP contract under client mistakes: whatever a client sends as well-formed
-//! HTTP/1.1, on any route, the node answers below 500, every 4xx in the contract's
-//! error shape, and stays healthy with its stock whole.
+//! The HTTP contract under client mistakes: whatever a client sends, well-formed
+//! HTTP/1.1 on any route or bytes that are not HTTP at all, the node answers below
+//! 500, every 4xx in the contract's error shape, and stays healthy with its stock
+//! whole.
 
 mod common;
 
@@ -966,4 +967,269 @@ async fn no_client_mistake_is_answered_with_a_5xx() {
         count("imported"),
         "CONTRACT_SEED={seed}: {view}"
     );
+}
+
+/// One answer read off a raw connection.
+#[derive(Debug)]
+struct RawAnswer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Every answer in `bytes`, as a client reads them (bodies by `content-length`), and
+/// whatever is left after the last whole one.
+fn split_answers(mut bytes: &[u8]) -> (Vec<RawAnswer>, Vec<u8>) {
+    let mut answers = Vec::new();
+    loop {
+        let Some(head_end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return (answers, bytes.to_vec());
+        };
+        let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let length = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let body_start = head_end + 4;
+        if bytes.len() < body_start + length {
+            return (answers, bytes.to_vec());
+        }
+        answers.push(RawAnswer {
+            status,
+            head,
+            body: bytes[body_start..body_start + length].to_vec(),
+        });
+        bytes = &bytes[body_start + length..];
+    }
+}
+
+/// Sends `request` on a connection of its own, says it will send nothing more, and
+/// reads until the node closes the connection: every answer, and what was left over.
+async fn raw_answers(addr: &str, request: Vec<u8>) -> (Vec<RawAnswer>, Vec<u8>) {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting");
+    let (mut read, mut write) = stream.into_split();
+    // Written alongside the read: a node that refuses a head too large stops reading
+    // it, and the answer comes back while the rest is still being sent.
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        if write.write_all(&request).await.is_ok() {
+            let _ = write.shutdown().await;
+        }
+        // Kept open until the reader is done: dropping the half would not close
+        // anything more, but keeps the two halves' lives plain.
+        write
+    });
+    let mut received = Vec::new();
+    let read_all = async {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 16 * 1024];
+        // A reset after the answers (the node closed with bytes of ours unread) ends
+        // the read like a close does: what came before it is what the node said.
+        while let Ok(n @ 1..) = read.read(&mut chunk).await {
+            received.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(ANSWER_TIME_MAX, read_all)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the node neither answered nor closed within {ANSWER_TIME_MAX:?} after: {:?}",
+                String::from_utf8_lossy(&received)
+            )
+        });
+    writer.abort();
+    split_answers(&received)
+}
+
+/// What is not HTTP/1.1 at all never reaches the API: hyper refuses it. Those answers
+/// are in the contract's error shape too, with the code that says why, and close the
+/// connection; an answer pipelined ahead of a malformed request goes out unchanged.
+/// Then a seeded sweep of order requests with bytes changed, inserted or removed
+/// (`CONTRACT_SEED=<n>` replays it): whatever the node answers, each answer is below
+/// 500 and every 4xx is in the error shape.
+#[tokio::test]
+async fn heads_that_are_not_http_are_answered_in_the_error_shape() {
+    let seed = std::env::var("CONTRACT_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+        });
+    eprintln!("CONTRACT_SEED={seed}");
+    let node = Node::start(&[
+        ("KEYDROP_RATE_PER_USER", "0"),
+        ("KEYDROP_RATE_PER_IP", "0"),
+        // A mutated Content-Length can promise more body than is sent.
+        ("KEYDROP_BODY_READ_TIMEOUT_MS", "300"),
+    ])
+    .await;
+    node.sku_with_cards(SKU, on_sale(PRICE_CENTS, 3, 600), &cards("heads", CARDS))
+        .await;
+    let addr = node.url.strip_prefix("http://").expect("an http:// URL");
+
+    let many_headers: String = (0..120).map(|i| format!("X-Header-{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "not HTTP",
+            b"GARBAGE\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "a header line with no colon",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "a control byte in a header value",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Odd: a\x01b\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "an unknown HTTP version",
+            b"GET /healthz HTTP/3.0\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "over 100 headers",
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "a request target over 65,534 bytes",
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+            414,
+            "uri_too_long",
+        ),
+        (
+            // Several times hyper's 400 KiB buffer, so that it is full whatever
+            // one read brings in.
+            "a head past the read buffer",
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(2 << 20)
+            )
+            .into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+    ];
+    for (what, request, status, code) in &cases {
+        let (answers, rest) = raw_answers(addr, request.clone()).await;
+        let [RawAnswer {
+            status: got,
+            head,
+            body,
+        }] = answers.as_slice()
+        else {
+            panic!("{what}: expected one answer, got {answers:?}, then {rest:?}");
+        };
+        assert_eq!(got, status, "{what}: {head}");
+        assert_eq!(
+            contract_breach(StatusCode::from_u16(*got).unwrap(), body),
+            None,
+            "{what}"
+        );
+        let body: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(body["error"], *code, "{what}: {body}");
+        assert!(
+            head.to_ascii_lowercase().contains("\r\nconnection: close"),
+            "{what}: {head}"
+        );
+        assert!(rest.is_empty(), "{what}: {rest:?}");
+    }
+
+    let mut pipelined = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    pipelined.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Odd: \x7f\r\n\r\n");
+    let (answers, _) = raw_answers(addr, pipelined).await;
+    let statuses: Vec<u16> = answers.iter().map(|answer| answer.status).collect();
+    assert_eq!(statuses, [200, 400], "{answers:?}");
+    assert_eq!(answers[0].body, br#"{"status":"ok"}"#);
+    assert_eq!(
+        contract_breach(StatusCode::BAD_REQUEST, &answers[1].body),
+        None
+    );
+
+    let mut replaced = 0.0;
+    for status in [400, 414, 431] {
+        let series =
+            format!(r#"keydrop_http_requests_total{{route="malformed_head",status="{status}"}}"#);
+        replaced += node.metric(&series).await;
+    }
+    assert_eq!(replaced, (cases.len() + 1) as f64);
+
+    // Mutations of a sound order: most break the head, some only the body or a value.
+    let body = br#"{"user_id":"mutant"}"#;
+    let sound = format!(
+        "POST /v1/skus/{SKU}/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: k-1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut sound = sound.into_bytes();
+    sound.extend_from_slice(body);
+    const ODD_BYTES: &[u8] = b"\0\x01\x7f\x80\xff \t:\r\n/%?#\"{}";
+    let mut rng = Rng {
+        state: seed,
+        oddness: 1,
+    };
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut answered: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut breaches = Vec::new();
+    while sent < 300 && started.elapsed() < SWEEP_TIME_MAX {
+        let mut request = sound.clone();
+        for _ in 0..=rng.next() % 3 {
+            let at = (rng.next() as usize) % request.len();
+            let byte = ODD_BYTES[(rng.next() as usize) % ODD_BYTES.len()];
+            match rng.next() % 3 {
+                0 => request[at] = byte,
+                1 => request.insert(at, byte),
+                _ => {
+                    request.remove(at);
+                }
+            }
+        }
+        sent += 1;
+        let (answers, _) = raw_answers(addr, request.clone()).await;
+        for answer in &answers {
+            *answered.entry(answer.status).or_default() += 1;
+            let breach = StatusCode::from_u16(answer.status)
+                .map_err(|_| format!("no status in {:?}", answer.head))
+                .and_then(|status| contract_breach(status, &answer.body).map_or(Ok(()), Err));
+            if let Err(breach) = breach {
+                breaches.push(format!(
+                    "{breach}\n  sent: {:?}",
+                    String::from_utf8_lossy(&request)
+                ));
+            }
+        }
+    }
+    eprintln!("CONTRACT_SEED={seed}: {sent} mutated orders, answers by status: {answered:?}");
+    assert!(
+        breaches.is_empty(),
+        "CONTRACT_SEED={seed}: {} answers broke the contract:\n{}",
+        breaches.len(),
+        breaches[..breaches.len().min(FAILURES_SHOWN_MAX)].join("\n---\n")
+    );
+    assert!(sent >= 50, "CONTRACT_SEED={seed}: only {sent} requests");
+    assert_eq!(node.get("/healthz").await.0, StatusCode::OK);
+    let (available, reserved, sold) = node.stock(SKU).await;
+    assert_eq!(available + reserved + sold, CARDS as u64);
 }

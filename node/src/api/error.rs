@@ -25,6 +25,12 @@ const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(5);
 pub enum ApiError {
     /// A malformed id, field or body.
     InvalidRequest(String),
+    /// A request head hyper could not parse (`connections::head_errors`).
+    MalformedHead,
+    /// A request target past hyper's limit.
+    UriTooLong,
+    /// More headers, or a longer head, than hyper takes.
+    HeadersTooLarge,
     /// Missing or wrong admin token.
     Unauthorized,
     /// Payment callback signature missing, malformed, stale or wrong. One vague
@@ -75,9 +81,11 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::AmountMismatch { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidRequest(_)
+            | ApiError::MalformedHead
+            | ApiError::AmountMismatch { .. } => StatusCode::BAD_REQUEST,
+            ApiError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthorized | ApiError::BadSignature => StatusCode::UNAUTHORIZED,
             ApiError::PurchaseLimit(_) => StatusCode::FORBIDDEN,
             ApiError::SkuNotFound | ApiError::OrderNotFound | ApiError::NotFound => {
@@ -101,7 +109,9 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::InvalidRequest(_) | ApiError::MalformedHead => "invalid_request",
+            ApiError::UriTooLong => "uri_too_long",
+            ApiError::HeadersTooLarge => "headers_too_large",
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadSignature => "bad_signature",
             ApiError::AmountMismatch { .. } => "amount_mismatch",
@@ -134,6 +144,15 @@ impl ApiError {
             | ApiError::Conflict(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Unavailable(m) => m.clone(),
+            ApiError::MalformedHead => {
+                "the request head is not valid HTTP/1.1 (its request line or a header); the connection is closed".into()
+            }
+            ApiError::UriTooLong => {
+                "the request target is longer than the node reads; the connection is closed".into()
+            }
+            ApiError::HeadersTooLarge => {
+                "over 100 headers, or a request head over the node's read buffer; the connection is closed".into()
+            }
             ApiError::Unauthorized => "a valid admin bearer token is required".into(),
             ApiError::BadSignature => "missing, stale or invalid X-Keydrop-Signature".into(),
             ApiError::AmountMismatch { expected_cents } => {
@@ -211,6 +230,11 @@ impl ApiError {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         *response.headers_mut() = headers.clone();
         response
+    }
+
+    /// The error's JSON body, for answers made outside axum.
+    pub fn body_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).expect("an error body serialises")
     }
 
     fn body(&self) -> ErrorBody<'static> {

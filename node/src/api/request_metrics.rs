@@ -21,6 +21,9 @@ use crate::metrics::{HTTP_DURATION, HTTP_REQUESTS};
 
 /// The label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
+/// The label of request heads hyper could not parse (`connections::head_errors`):
+/// no route was ever known.
+pub const MALFORMED_HEAD: &str = "malformed_head";
 
 /// Status codes with a kept counter; any other (none is answered today) goes
 /// through the registry each time.
