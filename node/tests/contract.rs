@@ -1120,7 +1120,7 @@ async fn heads_that_are_not_http_are_answered_in_the_error_shape() {
             "uri_too_long",
         ),
         (
-            // Several times hyper's 400 KiB buffer, so that it is full whatever
+            // Several times hyper's 408 KiB read buffer, so that it is full whatever
             // one read brings in.
             "a head past the read buffer",
             format!(

@@ -274,6 +274,59 @@ async fn a_stalled_order_body_times_out_and_holds_no_slot() {
     assert_eq!(stock(&node, "stalled").await, (Some(1), Some(3)));
 }
 
+/// A card import's body is timed by part, JSON as well as CSV: an import that comes
+/// in over more than twice the body time limit, in parts each well inside it, is taken
+/// whole; a part that stalls past the limit is answered 408 with nothing imported.
+#[tokio::test]
+async fn a_slow_import_is_timed_by_part() {
+    let node = Node::start(&[("KEYDROP_BODY_READ_TIMEOUT_MS", "500")]).await;
+    node.put_sku("slow-json", on_sale(100, 1, 60)).await;
+    node.put_sku("slow-csv", on_sale(100, 1, 60)).await;
+    let json = br#"{"cards":[{"serial":"J-1","secret":"s-1"},{"serial":"J-2","secret":"s-2"}]}"#;
+    let csv = b"serial,secret\nC-1,s-1\nC-2,s-2\nC-3,s-3\n";
+    for (sku, content_type, body, cards) in [
+        ("slow-json", "application/json", &json[..], 2),
+        ("slow-csv", "text/csv", &csv[..], 3),
+    ] {
+        let framing = format!("Content-Length: {}", body.len());
+        let head = import_head(&node, sku, content_type, &framing);
+        let parts: Vec<Vec<u8>> = body
+            .chunks(body.len().div_ceil(8))
+            .map(<[u8]>::to_vec)
+            .collect();
+        let started = Instant::now();
+        let answer = raw_exchange(&node, move |mut w| async move {
+            w.write_all(head.as_bytes()).await?;
+            for part in parts {
+                w.write_all(&part).await?;
+                w.flush().await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .await;
+        assert_eq!(answer.0, StatusCode::OK, "{sku}: {answer:?}");
+        assert_eq!(answer.1["imported"], cards, "{sku}: {answer:?}");
+        assert!(started.elapsed() >= Duration::from_millis(1_200), "{sku}");
+        assert_eq!(stock(&node, sku).await, (Some(cards), Some(cards)));
+    }
+    // A JSON part that stalls: 408, and no card of it imported.
+    node.put_sku("stalled-json", on_sale(100, 1, 60)).await;
+    let framing = format!("Content-Length: {}", json.len());
+    let head = import_head(&node, "stalled-json", "application/json", &framing);
+    let answer = raw_exchange(&node, move |mut w| async move {
+        w.write_all(head.as_bytes()).await?;
+        w.write_all(&json[..20]).await?;
+        w.flush().await?;
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+    .await;
+    assert_error(&answer, StatusCode::REQUEST_TIMEOUT, "request_timeout");
+    assert_eq!(stock(&node, "stalled-json").await, (Some(0), Some(0)));
+}
+
 /// A connection that starts no request for the idle timeout is closed: one that
 /// never sends anything, and one that trickles a request head it never finishes. A
 /// connection in use every 300 ms stays open throughout.

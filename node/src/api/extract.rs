@@ -26,7 +26,7 @@ use super::AppState;
 ///
 /// With a `time_limit`, a body that does not come in time is answered 408
 /// `request_timeout`: read whole ([`read_body`]), all of it within the limit; read
-/// as it streams (a card import), each part within it. An order holds an order slot
+/// as it streams or gathered by parts (a card import), each part within it. An order holds an order slot
 /// once its body is in and a connection inside a request is never closed as idle,
 /// so a client trickling a body must not keep its connection (and buffers) for good.
 pub struct LimitedBody<B = Body> {
@@ -96,6 +96,17 @@ where
     /// The whole body, up to the limit, all of it within the time limit.
     pub async fn collect(mut self) -> Result<Bytes, ApiError> {
         self.whole = true;
+        self.gather().await
+    }
+
+    /// The whole body, up to the limit, each part within the time limit: a JSON card
+    /// import is checked whole before any card is taken, but up to 64 MiB comes in
+    /// at the pace of the operator's link, as a CSV import streams.
+    pub async fn collect_parts(self) -> Result<Bytes, ApiError> {
+        self.gather().await
+    }
+
+    async fn gather(mut self) -> Result<Bytes, ApiError> {
         let Some(first) = self.next_chunk().await? else {
             return Ok(Bytes::new());
         };
@@ -393,6 +404,27 @@ mod tests {
             parts += 1;
         }
         assert_eq!(parts, 10);
+        // Gathered whole but timed by part (a JSON import): the same body comes in.
+        let gathered =
+            LimitedBody::new(&HeaderMap::new(), Scripted::trickling(10), 100, Some(limit))
+                .unwrap()
+                .collect_parts()
+                .await
+                .unwrap();
+        assert_eq!(&gathered[..], b"xxxxxxxxxx");
+        let stalled_gathered = LimitedBody::new(
+            &HeaderMap::new(),
+            Scripted::stalling_after(3),
+            100,
+            Some(limit),
+        )
+        .unwrap()
+        .collect_parts()
+        .await;
+        assert!(matches!(
+            stalled_gathered,
+            Err(ApiError::RequestTimeout { .. })
+        ));
         // A part that does not come in time ends the stream with 408 all the same.
         let mut stalled = LimitedBody::new(
             &HeaderMap::new(),

@@ -213,7 +213,7 @@ async fn import_json(
     sku: &SkuId,
     body: LimitedBody,
 ) -> Result<ImportJson, ApiError> {
-    let cards = parse_json_cards(body.collect().await?)?;
+    let cards = parse_json_cards(body.collect_parts().await?)?;
     let mut total = ImportJson::default();
     total.add(engine.import_cards(sku, cards).await?);
     Ok(total)
