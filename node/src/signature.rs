@@ -36,7 +36,8 @@ pub enum SignatureError {
     SignedBeforeStart,
 }
 
-/// The system clock in unix seconds, as callbacks' `t` counts it (0 before 1970).
+/// The system clock in unix seconds (0 before 1970): the clock a node's engine reads,
+/// against which a callback's `t` is checked.
 pub fn unix_now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

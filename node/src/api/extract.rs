@@ -36,7 +36,10 @@ pub struct LimitedBody<B = Body> {
     time_limit: Option<Duration>,
     /// Reset after each part when streaming; kept across parts when read whole.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    whole: bool,
+    single_deadline: bool,
+    /// The declared `Content-Length`, within the limit: room made for it at once
+    /// when a body comes in parts, instead of doubling up to it.
+    declared_bytes: Option<usize>,
 }
 
 impl<B> LimitedBody<B>
@@ -65,7 +68,8 @@ where
             read_bytes: 0,
             time_limit,
             deadline: None,
-            whole: false,
+            single_deadline: false,
+            declared_bytes: declared.map(|len| len as usize),
         })
     }
 
@@ -73,7 +77,7 @@ where
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
             let frame = next_frame_by(&mut self.body, &mut self.deadline, self.time_limit).await?;
-            if !self.whole {
+            if !self.single_deadline {
                 self.deadline = None;
             }
             let Some(frame) = frame else { return Ok(None) };
@@ -95,14 +99,14 @@ where
 
     /// The whole body, up to the limit, all of it within the time limit.
     pub async fn collect(mut self) -> Result<Bytes, ApiError> {
-        self.whole = true;
+        self.single_deadline = true;
         self.gather().await
     }
 
     /// The whole body, up to the limit, each part within the time limit: a JSON card
     /// import is checked whole before any card is taken, but up to 64 MiB comes in
     /// at the pace of the operator's link, as a CSV import streams.
-    pub async fn collect_parts(self) -> Result<Bytes, ApiError> {
+    pub async fn collect_timed_per_part(self) -> Result<Bytes, ApiError> {
         self.gather().await
     }
 
@@ -114,7 +118,8 @@ where
         let Some(second) = self.next_chunk().await? else {
             return Ok(first);
         };
-        let mut all = Vec::with_capacity(first.len() + second.len());
+        let mut all =
+            Vec::with_capacity((first.len() + second.len()).max(self.declared_bytes.unwrap_or(0)));
         all.extend_from_slice(&first);
         all.extend_from_slice(&second);
         while let Some(chunk) = self.next_chunk().await? {
@@ -408,7 +413,7 @@ mod tests {
         let gathered =
             LimitedBody::new(&HeaderMap::new(), Scripted::trickling(10), 100, Some(limit))
                 .unwrap()
-                .collect_parts()
+                .collect_timed_per_part()
                 .await
                 .unwrap();
         assert_eq!(&gathered[..], b"xxxxxxxxxx");
@@ -419,7 +424,7 @@ mod tests {
             Some(limit),
         )
         .unwrap()
-        .collect_parts()
+        .collect_timed_per_part()
         .await;
         assert!(matches!(
             stalled_gathered,

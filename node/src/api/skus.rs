@@ -213,7 +213,7 @@ async fn import_json(
     sku: &SkuId,
     body: LimitedBody,
 ) -> Result<ImportJson, ApiError> {
-    let cards = parse_json_cards(body.collect_parts().await?)?;
+    let cards = parse_json_cards(body.collect_timed_per_part().await?)?;
     let mut total = ImportJson::default();
     total.add(engine.import_cards(sku, cards).await?);
     Ok(total)
