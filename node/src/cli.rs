@@ -94,7 +94,7 @@ pub enum SkuCommand {
         sku: String,
         /// CSV file: one `serial,secret` per line; a `serial,secret` header is skipped.
         file: PathBuf,
-        /// Lines per request.
+        /// Lines per request (a request also ends at 8 MiB).
         #[arg(long, default_value_t = 10_000)]
         chunk_lines: usize,
     },

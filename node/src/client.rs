@@ -3,20 +3,33 @@
 //! node's JSON answer on stdout for scripts. Errors go to stderr with a non-zero exit.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::{Method, Url};
 use serde_json::{json, Value};
 
+use crate::api::skus::CSV_LINE_BYTES_MAX;
 use crate::cli::{OrderCommand, Remote, SkuCommand};
 use crate::secrets::ADMIN_TOKEN_FILE;
 
 /// Per-request timeout; a chunk of 10,000 cards imports in well under a second.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// A node that does not take the connection in this long is not there: an address
+/// that drops packets fails here, not after the whole request timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of one import request at most, well under the node's 64 MiB: a chunk ends
+/// at `--chunk-lines` lines or this, whichever comes first.
+const IMPORT_CHUNK_BYTES_MAX: usize = 8 << 20;
+/// Tries of one import chunk that the node refuses for now (429, 503); it is sent
+/// again after the node's `Retry-After`. A chunk sent again is safe: cards already
+/// in are counted as duplicates, not added.
+const IMPORT_CHUNK_TRIES: u32 = 5;
+/// The longest wait between tries, whatever `Retry-After` says.
+const IMPORT_RETRY_WAIT_MAX: Duration = Duration::from_secs(30);
 
 pub fn run_sku(command: SkuCommand) -> Result<()> {
     runtime()?.block_on(sku(command))
@@ -59,6 +72,7 @@ impl Node {
         };
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .context("building the HTTP client")?;
         Ok(Node {
@@ -91,22 +105,37 @@ impl Node {
     async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value> {
         let response = request.send().await.context("calling the node")?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = response
             .bytes()
             .await
             .context("reading the node's answer")?;
-        let value: Value = serde_json::from_slice(&body).unwrap_or_else(
+        let parsed = serde_json::from_slice::<Value>(&body);
+        if status.is_success() {
+            // A proxy or another service at --url can answer 200 too: only the
+            // node's JSON counts as done.
+            return parsed.map_err(|_| {
+                anyhow!(
+                    "the answer ({status}) is not JSON: is {} a keydrop node? It began: {:?}",
+                    self.base,
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                )
+            });
+        }
+        let value = parsed.unwrap_or_else(
             |_| json!({"error": "unexpected", "message": String::from_utf8_lossy(&body)}),
         );
-        if status.is_success() {
-            return Ok(value);
-        }
         let code = value["error"].as_str().unwrap_or("unknown");
         let message = value["message"].as_str().unwrap_or("");
         Err(ServerError {
             status: status.as_u16(),
             code: code.to_owned(),
             message: message.to_owned(),
+            retry_after,
         }
         .into())
     }
@@ -129,6 +158,14 @@ struct ServerError {
     status: u16,
     code: String,
     message: String,
+    retry_after: Option<Duration>,
+}
+
+impl ServerError {
+    /// Refused for now (throttled or overloaded): the same request may pass later.
+    fn is_for_now(&self) -> bool {
+        matches!(self.status, 429 | 503)
+    }
 }
 
 async fn sku(command: SkuCommand) -> Result<()> {
@@ -207,17 +244,33 @@ async fn import(node: &Node, sku: &str, path: &Path, chunk_lines: usize) -> Resu
         .expect("the progress template is valid"),
     );
     let (mut imported, mut duplicates, mut lines) = (0u64, 0u64, 0u64);
-    let mut chunk: Vec<u8> = Vec::new();
+    // What has been imported when an error stops the import, for the operator who
+    // sends the rest.
+    let so_far = |imported: u64, duplicates: u64, first_line: u64| {
+        format!(
+            "{imported} cards imported and {duplicates} duplicates skipped before line {first_line}"
+        )
+    };
     loop {
-        chunk.clear();
+        let mut chunk: Vec<u8> = Vec::new();
         let first_line = lines + 1;
         let mut chunk_count = 0usize;
-        while chunk_count < chunk_lines {
-            let read = reader
+        while chunk_count < chunk_lines && chunk.len() < IMPORT_CHUNK_BYTES_MAX {
+            // Read no further than a line the node would take, plus its line break:
+            // a file with no line breaks must not be read into memory whole.
+            let read = (&mut reader)
+                .take(CSV_LINE_BYTES_MAX as u64 + 2)
                 .read_until(b'\n', &mut chunk)
                 .with_context(|| format!("reading {}", path.display()))?;
             if read == 0 {
                 break;
+            }
+            if read == CSV_LINE_BYTES_MAX + 2 && !chunk.ends_with(b"\n") {
+                bail!(
+                    "line {}: longer than {CSV_LINE_BYTES_MAX} bytes, the most the node takes; {}",
+                    lines + chunk_count as u64 + 1,
+                    so_far(imported, duplicates, first_line)
+                );
             }
             chunk_count += 1;
             if !chunk.ends_with(b"\n") {
@@ -228,16 +281,45 @@ async fn import(node: &Node, sku: &str, path: &Path, chunk_lines: usize) -> Resu
             break;
         }
         lines += chunk_count as u64;
-        let request = node
-            .request(Method::POST, url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "text/csv")
-            .body(chunk.clone());
-        let answer = node
-            .call(request)
-            .await
-            .map_err(|error| at_file_line(error, first_line))?;
-        imported += answer["imported"].as_u64().unwrap_or(0);
-        duplicates += answer["duplicates"].as_u64().unwrap_or(0);
+        let chunk = axum::body::Bytes::from(chunk);
+        let mut tries = 0;
+        let answer = loop {
+            tries += 1;
+            let request = node
+                .request(Method::POST, url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "text/csv")
+                .body(chunk.clone());
+            match node.call(request).await {
+                Ok(answer) => break answer,
+                Err(error) => {
+                    let wait = error
+                        .downcast_ref::<ServerError>()
+                        .filter(|server| server.is_for_now() && tries < IMPORT_CHUNK_TRIES)
+                        .map(|server| {
+                            server
+                                .retry_after
+                                .unwrap_or(Duration::from_secs(1))
+                                .min(IMPORT_RETRY_WAIT_MAX)
+                        });
+                    let Some(wait) = wait else {
+                        return Err(at_file_line(error, first_line)
+                            .context(so_far(imported, duplicates, first_line)));
+                    };
+                    progress.println(format!(
+                        "{error}; sending the chunk from line {first_line} again in {} s",
+                        wait.as_secs()
+                    ));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        let count = |field: &str| {
+            answer[field]
+                .as_u64()
+                .ok_or_else(|| anyhow!("the node's answer has no `{field}` count: {answer}"))
+        };
+        imported += count("imported")?;
+        duplicates += count("duplicates")?;
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();

@@ -400,3 +400,174 @@ async fn a_rate_from_the_config_file_applies_and_its_env_var_wins() {
         "{view}"
     );
 }
+
+/// A CSV file as spreadsheets write it, quoted fields and doubled quotes, imported
+/// by the CLI: buyers get each secret as written, without the quotes.
+#[tokio::test]
+async fn import_takes_quoted_fields_and_buyers_get_the_secret_as_written() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.put_sku("quoted", on_sale(100, 1, 60)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cards.csv");
+    std::fs::write(
+        &path,
+        "\"serial\",\"secret\"\r\n\"Q-1\",\"AB,CD\"\r\nQ-2,\"say \"\"hi\"\"\"\r\n",
+    )
+    .unwrap();
+    let imported = json_of(&run(
+        &node,
+        &["sku", "import", "--json", "quoted", path.to_str().unwrap()],
+    ));
+    assert_eq!(imported["imported"], 2, "{imported}");
+    let mut secrets = Vec::new();
+    for buyer in ["b-1", "b-2"] {
+        let (status, order) = node.reserve("quoted", buyer).await;
+        assert_eq!(status, StatusCode::CREATED, "{order}");
+        let id = order["order_id"].as_str().unwrap();
+        let (status, paid) = node.pay(id, &format!("pay-{buyer}"), 100).await;
+        assert_eq!(status, StatusCode::OK, "{paid}");
+        let (status, order) = node.get(&format!("/v1/orders/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{order}");
+        secrets.push(order["card"]["secret"].as_str().unwrap().to_owned());
+    }
+    secrets.sort();
+    assert_eq!(secrets, ["AB,CD", "say \"hi\""]);
+}
+
+/// A line longer than the node takes stops the import at that line, named, with
+/// what came before it imported and said so; the file is not read whole to find
+/// the end of a line that has none.
+#[tokio::test]
+async fn import_stops_at_a_line_too_long_and_says_what_was_imported() {
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.put_sku("long-line", on_sale(100, 1, 60)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cards.csv");
+    let mut text = String::from("L-1,a\nL-2,b\n");
+    text.push_str(&"x".repeat(1 << 20));
+    std::fs::write(&path, text).unwrap();
+    let output = run(
+        &node,
+        &[
+            "sku",
+            "import",
+            "long-line",
+            path.to_str().unwrap(),
+            "--chunk-lines",
+            "2",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 3: longer than 4096 bytes"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("2 cards imported and 0 duplicates skipped before line 3"),
+        "{stderr}"
+    );
+    assert_eq!(node.stock("long-line").await.0, 2);
+}
+
+/// Answers each connection to it in turn with the next of `answers` (then closes
+/// it), and returns the request heads it was sent.
+fn canned_node(answers: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        for answer in answers {
+            let (stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            heads.push(head);
+            (&stream).write_all(answer.as_bytes()).unwrap();
+        }
+        heads
+    });
+    (url, served)
+}
+
+fn keydrop_against(url: &str, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keydrop"))
+        .args(&args[..2])
+        .args(["--url", url, "--token", "t0k"])
+        .args(&args[2..])
+        .output()
+        .expect("running keydrop")
+}
+
+/// A 200 that is not the node's JSON (a proxy's page at --url) is a failure, said
+/// as such, not an import of nothing.
+#[test]
+fn an_answer_that_is_not_json_fails_the_command() {
+    let page = "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 13\r\nconnection: close\r\n\r\n<html></html>";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cards.csv");
+    std::fs::write(&path, "P-1,a\n").unwrap();
+    let (url, served) = canned_node(vec![page, page]);
+    for args in [
+        &["sku", "show", "some-sku"][..],
+        &["sku", "import", "some-sku", path.to_str().unwrap()],
+    ] {
+        let output = keydrop_against(&url, args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not JSON"), "{args:?}: {stderr}");
+    }
+    assert_eq!(served.join().unwrap().len(), 2);
+}
+
+/// A chunk the node refuses for now (503 with Retry-After, 429) is sent again after
+/// the wait it names, and the import goes on; a refusal that is not for now stops it.
+#[test]
+fn an_import_chunk_refused_for_now_is_sent_again() {
+    let overloaded = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: 52\r\nconnection: close\r\n\r\n{\"error\":\"overloaded\",\"message\":\"the node is busy\"}\n";
+    let throttled = "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: 51\r\nconnection: close\r\n\r\n{\"error\":\"rate_limited\",\"message\":\"per ip; later\"}\n";
+    let took = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 30\r\nconnection: close\r\n\r\n{\"imported\":2,\"duplicates\":0}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cards.csv");
+    std::fs::write(&path, "R-1,a\nR-2,b\n").unwrap();
+    let (url, served) = canned_node(vec![overloaded, throttled, took]);
+    let started = std::time::Instant::now();
+    let output = keydrop_against(
+        &url,
+        &["sku", "import", "retried", path.to_str().unwrap(), "--json"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["imported"], 2, "{summary}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "waited as told"
+    );
+    assert_eq!(served.join().unwrap().len(), 3);
+
+    let refused = "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 49\r\nconnection: close\r\n\r\n{\"error\":\"sku_not_found\",\"message\":\"no such SKU\"}";
+    let (url, served) = canned_node(vec![refused]);
+    let output = keydrop_against(&url, &["sku", "import", "retried", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("404 sku_not_found"), "{stderr}");
+    assert_eq!(served.join().unwrap().len(), 1);
+}

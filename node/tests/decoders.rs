@@ -260,19 +260,42 @@ proptest! {
     }
 
     /// A file of `serial,secret` lines (a header, blank lines and blanks around fields
-    /// allowed) gives exactly its cards, however it is split.
+    /// allowed, fields quoted or not as a CSV writer would) gives exactly its cards,
+    /// however it is split.
     #[test]
     fn valid_csv_bodies_give_their_cards(
-        cards in prop::collection::vec((serial(), secret()), 0..20),
+        cards in prop::collection::vec((serial(), secret(), any::<(bool, bool)>()), 0..20),
         header in any::<bool>(),
         padding in prop::collection::vec(prop::sample::select(vec!["", " ", "\t", "  "]), 2),
         line_ending in prop::sample::select(vec!["\n", "\r\n"]),
         blank_after in any::<prop::sample::Index>(),
         stride in 1usize..64,
     ) {
+        // Quoted when asked, and always when it starts with a quote: unquoted, that
+        // would open a quoted field.
+        let written = |field: &str, quoted: bool| {
+            if quoted || field.starts_with('"') {
+                format!("\"{}\"", field.replace('"', "\"\""))
+            } else {
+                field.to_owned()
+            }
+        };
         let mut lines: Vec<String> = cards
             .iter()
-            .map(|(serial, secret)| format!("{}{serial},{}{secret}{}", padding[0], padding[1], padding[0]))
+            .map(|(serial, secret, (quote_serial, quote_secret))| {
+                format!(
+                    "{}{},{}{}{}",
+                    padding[0],
+                    written(serial, *quote_serial),
+                    padding[1],
+                    written(secret, *quote_secret),
+                    padding[0]
+                )
+            })
+            .collect();
+        let cards: Vec<(String, String)> = cards
+            .into_iter()
+            .map(|(serial, secret, _)| (serial, secret))
             .collect();
         lines.insert(blank_after.index(lines.len() + 1), String::new());
         if header {

@@ -3,6 +3,8 @@
 //! buyers poll it during a drop, so it must never queue behind their orders), and
 //! `GET /v1/admin/skus/{sku}` (the same with operator fields).
 
+use std::borrow::Cow;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -22,7 +24,7 @@ const SKU_BODY_BYTES_MAX: usize = 64 * 1024;
 pub const IMPORT_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// A CSV line is a serial (≤ 128 bytes) and a secret (≤ 1024 bytes); longer ones are
 /// refused before they are buffered further.
-const CSV_LINE_BYTES_MAX: usize = 4096;
+pub const CSV_LINE_BYTES_MAX: usize = 4096;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,20 +352,78 @@ impl CsvCards {
         if text.is_empty() {
             return Ok(());
         }
-        // Split at the first comma: serials have none, secrets might.
-        let (serial, secret) = text
-            .split_once(',')
-            .ok_or_else(|| bad(&"expected `serial,secret`"))?;
+        let (serial, secret) = csv_fields(text).map_err(|why| bad(&why))?;
         if number == 1
-            && serial.trim().eq_ignore_ascii_case("serial")
-            && secret.trim().eq_ignore_ascii_case("secret")
+            && serial.eq_ignore_ascii_case("serial")
+            && secret.eq_ignore_ascii_case("secret")
         {
             return Ok(());
         }
-        let serial = CardSerial::parse(serial.trim()).map_err(|e| bad(&e))?;
-        let secret = CardSecret::new(secret.trim()).map_err(|e| bad(&e))?;
+        let serial = CardSerial::parse(&serial).map_err(|e| bad(&e))?;
+        let secret = CardSecret::new(secret.into_owned()).map_err(|e| bad(&e))?;
         self.batch.push((serial, secret));
         Ok(())
+    }
+}
+
+/// A line's serial and secret. A field in double quotes (as spreadsheets write a
+/// field holding a comma or a quote) is taken as written between them, `""` standing
+/// for one quote; a field without them is trimmed, and an unquoted secret runs to
+/// the end of the line, commas and all, as files written by hand have it. A quoted
+/// field must close on its line: card secrets hold no line breaks, and a lost quote
+/// would otherwise swallow the file.
+fn csv_fields(line: &str) -> Result<(Cow<'_, str>, Cow<'_, str>), &'static str> {
+    const EXPECTED: &str = "expected `serial,secret`";
+    let (serial, rest) = match line.strip_prefix('"') {
+        Some(quoted) => {
+            let (serial, after) = quoted_field(quoted)?;
+            let rest = after
+                .trim_start()
+                .strip_prefix(',')
+                .ok_or("expected a comma after the quoted serial")?;
+            (serial, rest)
+        }
+        None => {
+            let (serial, rest) = line.split_once(',').ok_or(EXPECTED)?;
+            (Cow::Borrowed(serial.trim_end()), rest)
+        }
+    };
+    let rest = rest.trim_start();
+    let secret = match rest.strip_prefix('"') {
+        Some(quoted) => {
+            let (secret, after) = quoted_field(quoted)?;
+            if !after.trim().is_empty() {
+                return Err("text after the quoted secret");
+            }
+            secret
+        }
+        None => Cow::Borrowed(rest),
+    };
+    Ok((serial, secret))
+}
+
+/// The quoted field that `text` (past its opening quote) starts with, and what
+/// follows its closing quote.
+fn quoted_field(text: &str) -> Result<(Cow<'_, str>, &str), &'static str> {
+    const UNCLOSED: &str = "a quoted field is not closed on its line";
+    let close = text.find('"').ok_or(UNCLOSED)?;
+    if !text[close + 1..].starts_with('"') {
+        return Ok((Cow::Borrowed(&text[..close]), &text[close + 1..]));
+    }
+    // Doubled quotes inside: unescape as it goes.
+    let mut field = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let close = rest.find('"').ok_or(UNCLOSED)?;
+        field.push_str(&rest[..close]);
+        rest = &rest[close + 1..];
+        match rest.strip_prefix('"') {
+            Some(after_doubled) => {
+                field.push('"');
+                rest = after_doubled;
+            }
+            None => return Ok((Cow::Owned(field), rest)),
+        }
     }
 }
 
@@ -404,6 +464,59 @@ mod tests {
                 expected,
                 "piece {piece}"
             );
+        }
+    }
+
+    #[test]
+    fn quoted_fields_are_taken_as_spreadsheets_write_them() {
+        let text = concat!(
+            "\"serial\",\"secret\"\r\n",
+            "S-1,\"AB,CD\"\r\n",
+            "\"S-2\" , \"say \"\"hi\"\"\" \n",
+            "S-3,\" padded \"\n",
+            "\"S-4\",plain,with,commas\n",
+            "S-5,AB\"CD\n",
+            "S-6,\"\"\"\"\n",
+        );
+        let expected: Vec<(String, String)> = [
+            ("S-1", "AB,CD"),
+            ("S-2", "say \"hi\""),
+            ("S-3", " padded "),
+            ("S-4", "plain,with,commas"),
+            ("S-5", "AB\"CD"),
+            ("S-6", "\""),
+        ]
+        .iter()
+        .map(|(serial, secret)| (serial.to_string(), secret.to_string()))
+        .collect();
+        for piece in [1, 2, 3, 7, 100] {
+            assert_eq!(
+                parse_in_pieces(text, piece).unwrap(),
+                expected,
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_quote_left_open_or_followed_by_text_is_refused_with_its_line() {
+        for (text, why) in [
+            (
+                "S-1,A\nS-2,\"AB,CD\n",
+                "line 2: a quoted field is not closed on its line",
+            ),
+            (
+                "\"S-1,AB\n",
+                "line 1: a quoted field is not closed on its line",
+            ),
+            ("S-1,\"AB\"CD\n", "line 1: text after the quoted secret"),
+            (
+                "\"S-1\"AB\n",
+                "line 1: expected a comma after the quoted serial",
+            ),
+            ("S-1\n", "line 1: expected `serial,secret`"),
+        ] {
+            assert_eq!(parse_in_pieces(text, 3).unwrap_err(), why, "{text:?}");
         }
     }
 
