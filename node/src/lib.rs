@@ -6,8 +6,8 @@
 //! serves HTTP/1.1 connections (hyper's answers to heads it cannot parse given the
 //! JSON error body) and closes them on shutdown; [`api`] the HTTP routes, one
 //! file per group, with the one error type in `api/error.rs`; [`admission`] the
-//! token buckets and the overload gate, fed by [`lag`]; [`platform`] the one OS
-//! setting (huge pages); [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
+//! token buckets and the overload gate, fed by [`lag`]; [`platform`] the OS
+//! settings (huge pages; SIGPIPE for the operator commands); [`signature`] the payment callback HMAC; [`metrics`] Prometheus;
 //! [`client`] the operator commands; [`decoders`] the parsers of what clients send,
 //! opened to the fuzz targets and the decoder tests.
 //!
@@ -32,7 +32,7 @@ mod signature;
 pub use cli::{Cli, Command};
 pub use client::{run_order, run_sku};
 pub use config::{Config, LogFormat};
-pub use platform::set_transparent_huge_pages;
+pub use platform::{exit_quietly_on_closed_stdout, set_transparent_huge_pages};
 pub use server::run as serve;
 
 /// The binary's allocator (`main.rs`) for the unit tests too, so that what they

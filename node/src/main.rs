@@ -46,10 +46,12 @@ fn main() -> Result<()> {
         }
         Command::Sku(command) => {
             init_logging("warn", LogFormat::Text)?;
+            keydrop_node::exit_quietly_on_closed_stdout();
             keydrop_node::run_sku(command)
         }
         Command::Order(command) => {
             init_logging("warn", LogFormat::Text)?;
+            keydrop_node::exit_quietly_on_closed_stdout();
             keydrop_node::run_order(command)
         }
     }

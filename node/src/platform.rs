@@ -23,6 +23,18 @@ pub fn set_transparent_huge_pages(enabled: bool) -> io::Result<()> {
     }
 }
 
+/// Lets SIGPIPE end the process, as it ends other command-line tools: an operator
+/// command piped into `head` stops quietly once `head` has read enough, instead of
+/// panicking in `println!` (Rust ignores SIGPIPE by default, so the write fails).
+/// Only for the operator commands: a node must outlive a client that went away.
+pub fn exit_quietly_on_closed_stdout() {
+    // SAFETY: restores a signal's default disposition; no handler of ours is
+    // replaced, and nothing else in the process relies on SIGPIPE being ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Whether transparent huge pages are off for this process.
 #[cfg(test)]
 fn transparent_huge_pages_disabled() -> io::Result<bool> {

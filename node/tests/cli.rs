@@ -571,3 +571,26 @@ fn an_import_chunk_refused_for_now_is_sent_again() {
     assert!(stderr.contains("404 sku_not_found"), "{stderr}");
     assert_eq!(served.join().unwrap().len(), 1);
 }
+
+/// An operator command piped into a reader that stops early (`| head -1`) ends
+/// quietly, killed by SIGPIPE like other tools, not with a panic.
+#[tokio::test]
+async fn a_command_whose_reader_goes_away_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let node = Node::start(&[("KEYDROP_RATE_PER_IP", "0")]).await;
+    node.put_sku("piped", on_sale(100, 1, 60)).await;
+    let mut child = node
+        .command()
+        .args(["sku", "show", "--url", &node.url, "--json", "piped"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running keydrop");
+    // The reader closes before the answer is printed.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}
