@@ -990,6 +990,8 @@ fn run_writer(
             accepted.push(write);
         }
         let batch = batch_of(&accepted, journal_cf, snapshots_cf);
+        // Barriers alone write nothing: no fsync to time or count.
+        let writes = !batch.is_empty();
         answers.send(refused, Some(JournalError::Fenced));
         answers.send(
             too_large,
@@ -1008,22 +1010,24 @@ fn run_writer(
             db.write_opt(batch, &sync).map_err(|e| e.to_string())
         };
         let write_time = started.elapsed();
-        counters.batches.fetch_add(1, Ordering::Relaxed);
-        counters
-            .requests
-            .fetch_add(accepted.len() as u64, Ordering::Relaxed);
-        counters
-            .write_nanos
-            .fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
-        metrics::histogram!("keydrop_journal_fsync_seconds").record(write_time.as_secs_f64());
-        if write_time >= SLOW_WRITE {
-            tracing::warn!(
-                write_ms = write_time.as_millis() as u64,
-                requests = accepted.len(),
-                "slow journal write (WAL append and fsync); every request in the batch waited for it"
-            );
+        if writes {
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters
+                .requests
+                .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+            counters
+                .write_nanos
+                .fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
+            metrics::histogram!("keydrop_journal_fsync_seconds").record(write_time.as_secs_f64());
+            if write_time >= SLOW_WRITE {
+                tracing::warn!(
+                    write_ms = write_time.as_millis() as u64,
+                    requests = accepted.len(),
+                    "slow journal write (WAL append and fsync); every request in the batch waited for it"
+                );
+            }
+            metrics::histogram!("keydrop_journal_batch_requests").record(accepted.len() as f64);
         }
-        metrics::histogram!("keydrop_journal_batch_requests").record(accepted.len() as f64);
         queued.fetch_sub(taken, Ordering::Relaxed);
         metrics::gauge!("keydrop_journal_queue_depth").set(queued.load(Ordering::Relaxed) as f64);
         match result {

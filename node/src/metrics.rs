@@ -237,7 +237,7 @@ fn describe() {
     );
     describe_counter!(
         PAYMENTS,
-        "Payment callbacks with a valid signature, by outcome."
+        "Payment callbacks by outcome: bad_signature (missing, stale or wrong), replayed (validly signed, but for another order or before this process started), invalid_body (validly signed, unreadable), then the engine's answer to the rest."
     );
     describe_counter!(
         LATE_PAYMENTS,

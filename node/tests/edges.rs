@@ -679,3 +679,41 @@ async fn sigint_exits_zero_and_a_restart_keeps_a_reserved_order() {
     let status = node.sigint();
     assert_eq!(status.code(), Some(0), "log:\n{}", node.log());
 }
+
+/// A CSV import stopped by a bad line after whole batches went in says how many went
+/// in, and those cards are counted and stocked like any import's.
+#[tokio::test]
+async fn a_csv_import_stopped_partway_counts_what_went_in() {
+    let node = Node::start(&[]).await;
+    node.put_sku("partway", on_sale(100, 1, 600)).await;
+    let good: String = (0..10_500).map(|i| format!("W-{i},s-{i}\n")).collect();
+    let bad = "no comma here\n";
+    let framing = format!("Content-Length: {}", good.len() + bad.len());
+    let head = import_head(&node, "partway", "text/csv", &framing);
+    // The bad line comes in a later part of the body, once the cards before it
+    // (10,000 or more: a batch) have gone in.
+    let answer = raw_exchange(&node, move |mut w| async move {
+        w.write_all(head.as_bytes()).await?;
+        w.write_all(good.as_bytes()).await?;
+        w.flush().await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        w.write_all(bad.as_bytes()).await?;
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+    let message = answer.1["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("line 10501:")
+            && message.contains("(10500 cards before it were imported"),
+        "{message}"
+    );
+    assert_eq!(stock(&node, "partway").await, (Some(10_500), Some(10_500)));
+    assert_eq!(node.metric("keydrop_cards_imported_total").await, 10_500.0);
+    assert!(
+        node.log().contains("card import stopped partway"),
+        "{}",
+        node.log()
+    );
+}

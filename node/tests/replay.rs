@@ -38,6 +38,17 @@ async fn captured_callback_does_not_pay_another_order() {
     assert_eq!(replayed["error"], "bad_signature");
     let (_, order) = node.get(&format!("/v1/orders/{second}")).await;
     assert_eq!(order["status"], "reserved", "{order}");
+    // Counted as a replay, apart from callbacks signed with a wrong secret.
+    assert_eq!(
+        node.metric(r#"keydrop_payments_total{outcome="replayed"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        node.metric(r#"keydrop_payments_total{outcome="bad_signature"}"#)
+            .await,
+        0.0
+    );
 }
 
 /// The guard's memory dies with the process: a callback signed before the node

@@ -76,10 +76,15 @@ pub async fn confirm_payment(
         .check(signed_at, &body, order_id.as_bytes())
     {
         tracing::warn!(order = %order_id, %reason, "payment callback refused");
-        metrics::counter!(PAYMENTS, "outcome" => "bad_signature").increment(1);
+        // Apart from bad signatures: this one was signed with our secret, so it says
+        // someone replays captured callbacks (or a restart caught one), not that the
+        // secret is wrong. The caller is told the same vague 401 either way.
+        metrics::counter!(PAYMENTS, "outcome" => "replayed").increment(1);
         return Err(ApiError::BadSignature);
     }
-    let (payment_ref, amount_cents) = parse_payment_body(&body)?;
+    let (payment_ref, amount_cents) = parse_payment_body(&body).inspect_err(|_| {
+        metrics::counter!(PAYMENTS, "outcome" => "invalid_body").increment(1);
+    })?;
     let outcome = engine
         .confirm_payment(&order_id, payment_ref.clone(), amount_cents)
         .await;
