@@ -296,7 +296,16 @@ impl Engine {
         let _creating = self.inner.create_lock.lock().await;
         if let Ok(handle) = self.handle(&id) {
             return match self.command(&handle, Command::Define(def)).await? {
-                Reply::Defined(view) => Ok((view, false)),
+                Reply::Defined(view) => {
+                    // Price, window and limits can change mid-sale: the log says when.
+                    tracing::info!(
+                        sku = %id,
+                        price_cents = view.def.price_cents,
+                        per_user_limit = view.def.per_user_limit,
+                        "SKU definition updated"
+                    );
+                    Ok((view, false))
+                }
                 other => unreachable!("define answered {other:?}"),
             };
         }

@@ -44,7 +44,8 @@ impl LagMonitor {
     }
 
     /// Probes until `stop` turns true. Runs on the workers it measures. Logs when
-    /// the lag crosses `shed_after` either way (not per shed request).
+    /// the lag goes past `shed_after`, and when it is back under half of it (not per
+    /// shed request).
     pub async fn run(&self, shed_after: Option<Duration>, mut stop: watch::Receiver<bool>) {
         let mut shedding = false;
         loop {
@@ -64,7 +65,9 @@ impl LagMonitor {
                     limit_ms = limit.as_millis() as u64,
                     "workers are behind; shedding new orders with 503 overloaded"
                 );
-            } else if shedding && lag <= limit {
+            } else if shedding && lag <= limit / 2 {
+                // Back under half the limit, not just under it: lag hovering at the
+                // limit would otherwise log both lines every few probes.
                 shedding = false;
                 tracing::info!(
                     lag_ms = lag.as_millis() as u64,

@@ -54,6 +54,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 
 /// Ticks the bound stays at its ceiling once opened in a flood.
 pub const OPEN_TICKS: u32 = 10;
+/// Ticks with no refusal before "order slots free again" is logged: a second.
+const QUIET_TICKS_BEFORE_FREE_LOG: u32 = 10;
 
 /// At the floor, a mean wait still at this share of the one that started the cuts
 /// means the cuts did not shorten it.
@@ -161,6 +163,7 @@ impl OrderSlots {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut before = self.totals();
         let mut refusing = false;
+        let mut ticks_without_refusal = 0u32;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
@@ -207,17 +210,26 @@ impl OrderSlots {
                 mean_inside_us,
                 "order bound moved"
             );
-            if tick.refused > 0 && !refusing {
-                tracing::warn!(
-                    limit,
-                    refused = tick.refused,
-                    mean_inside_us,
-                    "every order slot taken; shedding new orders with 503 overloaded"
-                );
-            } else if tick.refused == 0 && refusing {
-                tracing::info!(limit, "order slots free again");
+            // "Free again" only after a second with no refusal: a bound at the edge
+            // of a crowd would otherwise log both lines every other tick.
+            if tick.refused > 0 {
+                if !refusing {
+                    tracing::warn!(
+                        limit,
+                        refused = tick.refused,
+                        mean_inside_us,
+                        "every order slot taken; shedding new orders with 503 overloaded"
+                    );
+                }
+                refusing = true;
+                ticks_without_refusal = 0;
+            } else if refusing {
+                ticks_without_refusal += 1;
+                if ticks_without_refusal >= QUIET_TICKS_BEFORE_FREE_LOG {
+                    tracing::info!(limit, "order slots free again, for a second now");
+                    refusing = false;
+                }
             }
-            refusing = tick.refused > 0;
         }
     }
 }
