@@ -386,40 +386,57 @@ pub(crate) fn snapshot_timing(
     }
 }
 
-/// A payment refused on an expired or cancelled order and recorded on it: money the
-/// operator has to refund (`keydrop order late`).
-struct LatePayment {
+/// A payment refused and recorded on its order: money the operator has to refund
+/// (`keydrop order late`). Late (the order expired or was cancelled), of the wrong
+/// amount, or a second payment of a paid order.
+struct RecordedRefusal {
     order_id: OrderId,
     payment_ref: PaymentRef,
     amount_cents: u64,
+    reason: RefusalReason,
 }
 
-impl LatePayment {
-    fn recorded_by(event: &Event) -> Option<LatePayment> {
+impl RecordedRefusal {
+    fn recorded_by(event: &Event) -> Option<RecordedRefusal> {
         match event {
             Event::PaymentRefused {
                 order_id,
                 payment_ref,
                 amount_cents,
-                reason: RefusalReason::Expired | RefusalReason::Cancelled,
+                reason,
                 ..
-            } => Some(LatePayment {
+            } => Some(RecordedRefusal {
                 order_id: *order_id,
                 payment_ref: payment_ref.clone(),
                 amount_cents: *amount_cents,
+                reason: *reason,
             }),
             _ => None,
         }
     }
 
     fn log_recorded(&self, sku: &SkuId) {
-        metrics::counter!("keydrop_late_payments_total").increment(1);
+        let reason = match self.reason {
+            RefusalReason::Expired => "expired",
+            RefusalReason::Cancelled => "cancelled",
+            RefusalReason::AmountMismatch => "amount_mismatch",
+            RefusalReason::AlreadyPaid => "already_paid",
+        };
+        metrics::counter!("keydrop_refused_payments_recorded_total", "reason" => reason)
+            .increment(1);
+        if matches!(
+            self.reason,
+            RefusalReason::Expired | RefusalReason::Cancelled
+        ) {
+            metrics::counter!("keydrop_late_payments_total").increment(1);
+        }
         tracing::warn!(
             sku = %sku,
             order = %self.order_id,
             payment_ref = %self.payment_ref,
             amount_cents = self.amount_cents,
-            "late payment refused and recorded for refund"
+            reason,
+            "payment refused and recorded for refund"
         );
     }
 }
@@ -576,11 +593,11 @@ impl SkuActorState {
             }
         }
         // Counted once durable, and once per recorded refusal: a provider retrying
-        // the same late callback gets the refusal again but records nothing new.
-        let late_payments: Vec<LatePayment> = decision
+        // the same refused callback gets the refusal again but records nothing new.
+        let refunds_owed: Vec<RecordedRefusal> = decision
             .events
             .iter()
-            .filter_map(LatePayment::recorded_by)
+            .filter_map(RecordedRefusal::recorded_by)
             .collect();
         self.seq += 1;
         self.records_since_snapshot += 1;
@@ -589,8 +606,8 @@ impl SkuActorState {
         let epoch = self.epoch;
         let record = codec::encode_events(&decision.events);
         let answer = decision.reply;
-        // Only for the log line of a late payment: no copy for the other records.
-        let sku = (!late_payments.is_empty()).then(|| self.sku.id().clone());
+        // Only for the log line of a refund owed: no copy for the other records.
+        let sku = (!refunds_owed.is_empty()).then(|| self.sku.id().clone());
         let shared = Arc::clone(&self.shared);
         let published = Published {
             counts: self.sku.counts(),
@@ -606,8 +623,8 @@ impl SkuActorState {
                         durable_seq.fetch_max(seq, Ordering::Release);
                         shared.publish_durable(seq, &published);
                         if let Some(sku) = &sku {
-                            for late in &late_payments {
-                                late.log_recorded(sku);
+                            for refund in &refunds_owed {
+                                refund.log_recorded(sku);
                             }
                         }
                         if let Some(unrecorded) = &unrecorded {

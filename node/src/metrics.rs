@@ -35,6 +35,7 @@ pub const ADMISSION_REJECTED: &str = "keydrop_admission_rejected_total";
 pub const ADMISSION_BUCKETS: &str = "keydrop_admission_buckets";
 pub const PAYMENTS: &str = "keydrop_payments_total";
 pub const LATE_PAYMENTS: &str = "keydrop_late_payments_total";
+pub const REFUSED_PAYMENTS_RECORDED: &str = "keydrop_refused_payments_recorded_total";
 pub const REFUSED_PAYMENTS_UNRECORDED: &str = "keydrop_refused_payments_unrecorded_total";
 pub const CARDS_IMPORTED: &str = "keydrop_cards_imported_total";
 pub const SKU_CARDS: &str = "keydrop_sku_cards";
@@ -157,6 +158,9 @@ pub fn install() -> Result<PrometheusHandle> {
     ] {
         metrics::counter!(counter).increment(0);
     }
+    for reason in ["expired", "cancelled", "amount_mismatch", "already_paid"] {
+        metrics::counter!(REFUSED_PAYMENTS_RECORDED, "reason" => reason).increment(0);
+    }
     for scope in [Scope::User, Scope::Ip, Scope::Device] {
         ADMISSION_REFUSALS.increment(scope.as_str(), 0);
     }
@@ -242,6 +246,10 @@ fn describe() {
     describe_counter!(
         LATE_PAYMENTS,
         "Late payments recorded for refund: callbacks refused because the reservation had expired or was cancelled, once per payment_ref (a provider's retries are not counted again)."
+    );
+    describe_counter!(
+        REFUSED_PAYMENTS_RECORDED,
+        "Payments refused and recorded on their order for refund, once per payment_ref, by reason: expired or cancelled (the late payments), amount_mismatch, already_paid (a second payment of a paid order)."
     );
     describe_counter!(
         REFUSED_PAYMENTS_UNRECORDED,

@@ -591,6 +591,17 @@ async fn orders_payments_and_cancellation() {
         StatusCode::CONFLICT,
         "already_paid",
     );
+    // Each is money to refund, counted once per payment_ref: the provider's retry
+    // of the second payment is refused again but not counted again.
+    assert_error(
+        &node.pay(&paid, "pay-2", 700).await,
+        StatusCode::CONFLICT,
+        "already_paid",
+    );
+    for reason in ["amount_mismatch", "already_paid"] {
+        let series = format!(r#"keydrop_refused_payments_recorded_total{{reason="{reason}"}}"#);
+        assert_eq!(node.metric(&series).await, 1.0, "{reason}");
+    }
     let (status, view) = node.get(&format!("/v1/orders/{paid}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(view["status"], "paid");
