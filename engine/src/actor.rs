@@ -753,6 +753,9 @@ impl SkuActorState {
             }
             Ok(None) | Err(_) => {
                 tracing::error!(sku = %id, "cannot reload SKU from disk; refusing its commands until restart");
+                // Every order of the SKU is answered 503 from now on, at debug level:
+                // the gauge is what an alert can see.
+                metrics::gauge!("keydrop_sku_unavailable", "sku" => id.to_string()).set(1.0);
                 self.poisoned = true;
                 // The edge sends keyed orders to the actor from now on, to be refused
                 // as unavailable, and answers none from refusals that rest on memory

@@ -747,6 +747,7 @@ async fn a_key_refused_as_reused_waits_for_its_reservation_to_be_durable() {
 /// after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sku_that_cannot_reload_answers_nothing_from_memory() {
+    let gauges = gauges::recorded();
     let dir = tempfile::tempdir().unwrap();
     let clock = manual_clock();
     let id = sku("unreadable");
@@ -783,6 +784,14 @@ async fn a_sku_that_cannot_reload_answers_nothing_from_memory() {
             o.engine.reserve(&id, buyer("other")).await,
             Err(EngineError::SkuUnavailable)
         ));
+        // Refused at debug level from now on: the gauge is what an alert sees.
+        assert_eq!(
+            gauges
+                .lock()
+                .unwrap()
+                .get("keydrop_sku_unavailable{sku=unreadable}"),
+            Some(&1.0)
+        );
         // Nor does the edge answer a keyed order for it: the actor refuses it as
         // unavailable.
         assert_eq!(
@@ -1347,4 +1356,83 @@ async fn ended_orders_are_forgotten_after_their_retention() {
     assert!(!found(cancelled).await && !found(expired).await);
     assert!(found(paid).await && found(refunded).await && found(again.order_id).await);
     o.engine.shutdown().await;
+}
+
+/// The gauges the engine sets, by name and labels (`name{label=value,...}`), for the
+/// tests that check one: a recorder for this test binary, installed on first use.
+mod gauges {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use metrics::{
+        Counter, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+
+    pub type Values = Arc<Mutex<HashMap<String, f64>>>;
+
+    struct Series {
+        key: String,
+        values: Values,
+    }
+
+    impl GaugeFn for Series {
+        fn increment(&self, value: f64) {
+            *self
+                .values
+                .lock()
+                .unwrap()
+                .entry(self.key.clone())
+                .or_default() += value;
+        }
+
+        fn decrement(&self, value: f64) {
+            *self
+                .values
+                .lock()
+                .unwrap()
+                .entry(self.key.clone())
+                .or_default() -= value;
+        }
+
+        fn set(&self, value: f64) {
+            self.values.lock().unwrap().insert(self.key.clone(), value);
+        }
+    }
+
+    struct GaugesOnly(Values);
+
+    impl Recorder for GaugesOnly {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            let labels: Vec<String> = key
+                .labels()
+                .map(|label| format!("{}={}", label.key(), label.value()))
+                .collect();
+            Gauge::from_arc(Arc::new(Series {
+                key: format!("{}{{{}}}", key.name(), labels.join(",")),
+                values: Arc::clone(&self.0),
+            }))
+        }
+
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    pub fn recorded() -> Values {
+        static VALUES: OnceLock<Values> = OnceLock::new();
+        Arc::clone(VALUES.get_or_init(|| {
+            let values = Values::default();
+            metrics::set_global_recorder(GaugesOnly(Arc::clone(&values)))
+                .expect("the only recorder of this test binary");
+            values
+        }))
+    }
 }

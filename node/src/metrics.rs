@@ -261,6 +261,10 @@ fn describe() {
         "Cards of a SKU by state: available, reserved or sold."
     );
     describe_gauge!(
+        "keydrop_sku_unavailable",
+        "1 for a SKU whose actor could not reload it from disk after a failed write: all its commands are refused 503 until the node restarts."
+    );
+    describe_gauge!(
         SKU_LOW_STOCK,
         "1 when a SKU's available stock is at or below its low_stock_threshold (> 0)."
     );

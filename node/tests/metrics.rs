@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 
 /// Metrics that appear only once their event has happened (labelled, so there is
 /// no series to create at 0 in advance).
-const AFTER_FIRST_EVENT: &[&str] = &["keydrop_engine_overloaded_total"];
+const AFTER_FIRST_EVENT: &[&str] = &["keydrop_engine_overloaded_total", "keydrop_sku_unavailable"];
 
 fn promtool() -> Command {
     let path = if std::path::Path::new("/usr/bin/promtool").exists() {
