@@ -807,6 +807,21 @@ fn route_template(path: &str) -> String {
     }
 }
 
+/// `CONTRACT_SEED` when given (to replay a run), else a fresh one; printed either way.
+fn contract_seed() -> u64 {
+    let seed = std::env::var("CONTRACT_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+        });
+    eprintln!("CONTRACT_SEED={seed}");
+    seed
+}
+
 /// What is wrong with an answer, if anything: a 5xx, or a 4xx whose body is not
 /// `{"error": <code>, "message": <text>}`.
 fn contract_breach(status: StatusCode, body: &[u8]) -> Option<String> {
@@ -838,16 +853,7 @@ fn contract_breach(status: StatusCode, body: &[u8]) -> Option<String> {
 /// (available + reserved + sold = imported).
 #[tokio::test]
 async fn no_client_mistake_is_answered_with_a_5xx() {
-    let seed = std::env::var("CONTRACT_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("clock after 1970")
-                .as_nanos() as u64
-        });
-    eprintln!("CONTRACT_SEED={seed}");
+    let seed = contract_seed();
     let node = Node::start(&[("KEYDROP_RATE_PER_USER", "0"), ("KEYDROP_RATE_PER_IP", "0")]).await;
     node.sku_with_cards(SKU, on_sale(PRICE_CENTS, 3, 600), &cards("sweep", CARDS))
         .await;
@@ -1060,16 +1066,7 @@ async fn raw_answers(addr: &str, request: Vec<u8>) -> (Vec<RawAnswer>, Vec<u8>) 
 /// 500 and every 4xx is in the error shape.
 #[tokio::test]
 async fn heads_that_are_not_http_are_answered_in_the_error_shape() {
-    let seed = std::env::var("CONTRACT_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("clock after 1970")
-                .as_nanos() as u64
-        });
-    eprintln!("CONTRACT_SEED={seed}");
+    let seed = contract_seed();
     let node = Node::start(&[
         ("KEYDROP_RATE_PER_USER", "0"),
         ("KEYDROP_RATE_PER_IP", "0"),

@@ -464,6 +464,16 @@ mod tests {
         }
     }
 
+    fn assert_parses_in_any_pieces(text: &str, expected: &[(String, String)]) {
+        for piece in [1, 2, 3, 7, 100] {
+            assert_eq!(
+                parse_in_pieces(text, piece).unwrap(),
+                expected,
+                "piece {piece}"
+            );
+        }
+    }
+
     #[test]
     fn csv_lines_parse_whatever_the_chunking() {
         let text = "serial,secret\r\nS-1,AAAA\n\nS-2, B,B \nS-3,C";
@@ -472,13 +482,7 @@ mod tests {
             ("S-2".to_owned(), "B,B".to_owned()),
             ("S-3".to_owned(), "C".to_owned()),
         ];
-        for piece in [1, 2, 3, 7, 100] {
-            assert_eq!(
-                parse_in_pieces(text, piece).unwrap(),
-                expected,
-                "piece {piece}"
-            );
-        }
+        assert_parses_in_any_pieces(text, &expected);
     }
 
     #[test]
@@ -503,13 +507,7 @@ mod tests {
         .iter()
         .map(|(serial, secret)| (serial.to_string(), secret.to_string()))
         .collect();
-        for piece in [1, 2, 3, 7, 100] {
-            assert_eq!(
-                parse_in_pieces(text, piece).unwrap(),
-                expected,
-                "piece {piece}"
-            );
-        }
+        assert_parses_in_any_pieces(text, &expected);
     }
 
     #[test]
