@@ -302,8 +302,12 @@ async fn import(node: &Node, sku: &str, path: &Path, chunk_lines: usize) -> Resu
                                 .min(IMPORT_RETRY_WAIT_MAX)
                         });
                     let Some(wait) = wait else {
-                        return Err(at_file_line(error, first_line)
-                            .context(so_far(imported, duplicates, first_line)));
+                        // One line, the node's reason first: what went in after it.
+                        return Err(anyhow!(
+                            "{:#}; {}",
+                            at_file_line(error, first_line),
+                            so_far(imported, duplicates, first_line)
+                        ));
                     };
                     progress.println(format!(
                         "{error}; sending the chunk from line {first_line} again in {} s",

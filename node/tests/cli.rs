@@ -152,6 +152,11 @@ async fn operator_cli_against_a_running_node() {
     assert!(!failed.status.success());
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("line 12345:"), "{stderr}");
+    // And what went in before the chunk that held it, on the same line.
+    assert!(
+        stderr.contains("; 10000 cards imported and 0 duplicates skipped before line 10001"),
+        "{stderr}"
+    );
 
     // Errors name the node's error code; a missing token is refused.
     let missing = run(&node, &["sku", "show", "no-such-sku"]);
