@@ -32,6 +32,9 @@ use crate::vault::{CardSecret, KeyRing, SealedSecret};
 
 /// Cards re-sealed per actor round trip during key rotation.
 const RESEAL_CHUNK_CARDS_MAX: usize = 1000;
+/// How long key rotation waits before offering a chunk again to a SKU whose mailbox
+/// was full.
+const RESEAL_RETRY_WAIT: Duration = Duration::from_millis(50);
 
 pub struct EngineConfig {
     /// The RocksDB folder. Nothing else lives in it; keys in particular do not.
@@ -640,8 +643,21 @@ impl Engine {
                     })
                     .await
                     .map_err(|e| EngineError::Spawn(e.to_string()))??;
-                match self.command(&handle, Command::Reseal(fresh)).await? {
-                    Reply::Resealed { count } => resealed += count as u64,
+                // Rotation runs while buyers buy: a mailbox full for a moment
+                // (a drop's crowd) delays it instead of stopping it until restart.
+                let reply = loop {
+                    match self.command(&handle, Command::Reseal(fresh.clone())).await {
+                        Err(EngineError::Overloaded) => {
+                            tokio::time::sleep(RESEAL_RETRY_WAIT).await;
+                        }
+                        reply => break reply?,
+                    }
+                };
+                match reply {
+                    Reply::Resealed { count } => {
+                        resealed += count as u64;
+                        metrics::counter!("keydrop_cards_resealed_total").increment(count as u64);
+                    }
                     other => unreachable!("reseal answered {other:?}"),
                 }
             }

@@ -41,6 +41,7 @@ pub const CARDS_IMPORTED: &str = "keydrop_cards_imported_total";
 pub const SKU_CARDS: &str = "keydrop_sku_cards";
 pub const SKU_LOW_STOCK: &str = "keydrop_sku_low_stock";
 pub const READY: &str = "keydrop_ready";
+pub const KEY_ROTATION_RUNNING: &str = "keydrop_key_rotation_running";
 
 /// Request latency: a reservation answers after an fsync (a few hundred µs to a
 /// few ms), so the fine buckets sit there; the coarse ones catch stalls.
@@ -151,6 +152,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "keydrop_idempotent_refusals_replayed_total",
         "keydrop_cards_revealed_total",
         "keydrop_clock_steps_back_followed_total",
+        "keydrop_cards_resealed_total",
         ORDER_BOUND_OPENED,
         ORDER_FLOOR_RAISED,
         HTTP_ACCEPT_ERRORS,
@@ -168,6 +170,7 @@ pub fn install() -> Result<PrometheusHandle> {
         OVERLOAD_SHED.increment(reason.as_str(), 0);
     }
     metrics::gauge!(RUNTIME_LAG).set(0.0);
+    metrics::gauge!(KEY_ROTATION_RUNNING).set(0.0);
     metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(0.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
@@ -259,6 +262,14 @@ fn describe() {
     describe_gauge!(
         SKU_CARDS,
         "Cards of a SKU by state: available, reserved or sold."
+    );
+    describe_gauge!(
+        KEY_ROTATION_RUNNING,
+        "1 from the start of a master key rotation (an older key listed) until every card is re-sealed under the newest key; it stays 1 if the rotation stopped on an error."
+    );
+    describe_counter!(
+        "keydrop_cards_resealed_total",
+        "Cards re-sealed under the newest master key by a key rotation."
     );
     describe_gauge!(
         "keydrop_sku_unavailable",

@@ -93,13 +93,22 @@ pub async fn run(
         // Older keys are listed only while rotating: re-seal every card under the
         // newest key in the background, so the old ones can then be dropped.
         let engine = engine.clone();
+        tracing::info!(
+            older_keys = engine.key_ring().key_ids().len() - 1,
+            "key rotation started: re-sealing every card under the newest master key"
+        );
+        ::metrics::gauge!(crate::metrics::KEY_ROTATION_RUNNING).set(1.0);
         tokio::spawn(async move {
             match engine.rotate_keys().await {
-                Ok(resealed) => tracing::info!(
-                    resealed,
-                    "key rotation done; older master keys can now be removed"
-                ),
+                Ok(resealed) => {
+                    ::metrics::gauge!(crate::metrics::KEY_ROTATION_RUNNING).set(0.0);
+                    tracing::info!(
+                        resealed,
+                        "key rotation done; older master keys can now be removed"
+                    )
+                }
                 Err(error) => {
+                    // Left at 1: the alert on a rotation that does not end sees it.
                     tracing::error!(%error, "key rotation stopped; it resumes at the next start")
                 }
             }

@@ -28,6 +28,14 @@ async fn rotating_the_master_key_reseals_every_card() {
         async move { done.then_some(()) }
     })
     .await;
+    // 50 cards, the paid one included, re-sealed; the rotation says it is over.
+    assert_eq!(node.metric("keydrop_cards_resealed_total").await, 50.0);
+    assert_eq!(node.metric("keydrop_key_rotation_running").await, 0.0);
+    assert!(
+        node.log().contains("key rotation started"),
+        "{}",
+        node.log()
+    );
 
     // Only the new key from now on: every card must still open.
     node.set_env("KEYDROP_MASTER_KEY", &new_key);
