@@ -416,12 +416,7 @@ impl RecordedRefusal {
     }
 
     fn log_recorded(&self, sku: &SkuId) {
-        let reason = match self.reason {
-            RefusalReason::Expired => "expired",
-            RefusalReason::Cancelled => "cancelled",
-            RefusalReason::AmountMismatch => "amount_mismatch",
-            RefusalReason::AlreadyPaid => "already_paid",
-        };
+        let reason = self.reason.as_str();
         metrics::counter!("keydrop_refused_payments_recorded_total", "reason" => reason)
             .increment(1);
         if matches!(

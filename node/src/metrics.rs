@@ -11,6 +11,7 @@ use std::sync::{LazyLock, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 use dashmap::DashMap;
+use keydrop_engine::sku::RefusalReason;
 use keydrop_engine::{Engine, SkuId};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -160,8 +161,13 @@ pub fn install() -> Result<PrometheusHandle> {
     ] {
         metrics::counter!(counter).increment(0);
     }
-    for reason in ["expired", "cancelled", "amount_mismatch", "already_paid"] {
-        metrics::counter!(REFUSED_PAYMENTS_RECORDED, "reason" => reason).increment(0);
+    for reason in [
+        RefusalReason::Expired,
+        RefusalReason::Cancelled,
+        RefusalReason::AmountMismatch,
+        RefusalReason::AlreadyPaid,
+    ] {
+        metrics::counter!(REFUSED_PAYMENTS_RECORDED, "reason" => reason.as_str()).increment(0);
     }
     for scope in [Scope::User, Scope::Ip, Scope::Device] {
         ADMISSION_REFUSALS.increment(scope.as_str(), 0);
